@@ -1,0 +1,501 @@
+"""K-FAC curvature statistics for chosen weight matrices, collected with hooks in one pass over a corpus.
+
+For a layer s = W a with W of shape (d_out, d_in), shared over the token positions of a sequence, the statistics are
+
+    A = (1/N) sum_t a_t a_t^T        (d_in, d_in)     over the layer inputs a_t,
+    S = (1/(N m)) sum_t sum_k g_tk g_tk^T  (d_out, d_out)  over the output gradients g_tk = d(-log p(y_k | x))/d s_t,
+
+where t runs over the N *counted* token positions (those with a next-token label inside the attention mask,
+minus any excluded sink positions), and y_k are the labels of the k-th of m backward passes:
+
+* ``"mc"``: labels sampled from the model's own predictive distribution (one fresh sample per position and pass).
+  In expectation over the samples, S (x) A is the K-FAC ("expand") approximation of the Gauss-Newton Hessian of
+  the token-mean capability loss, which is what the paper's Bregman constraint needs. This is the default.
+* ``"empirical"``: the true next tokens (m = 1): the empirical Fisher that the reference code uses.
+
+The gradient g_tk is that of the *summed* token losses, so the product A (x) S approximates the GNH of the
+token-mean loss, and ``1/2 tr(dW^T S dW A)`` predicts the increase of the mean per-token loss (in nats).
+
+Vec convention: with vec stacking columns (column-major), G ~ A (x) S; PyTorch's row-major ``W.flatten()`` pairs
+with S (x) A. For transformers' GPT-2 ``Conv1D``, whose weight is stored as (d_in, d_out), A and S are still
+(d_in, d_in) and (d_out, d_out): callers transpose the weight (see :func:`weight_orientation`).
+
+Caches are safetensors files with JSON metadata; see :class:`FactorSet`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+
+logger = logging.getLogger(__name__)
+
+FISHER_TYPES = ("mc", "empirical")
+FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CACHE_FORMAT_VERSION = 1
+_META_KEY = "crispedit_easyedit"
+
+
+class CacheError(ValueError):
+    """Base class of cache errors."""
+
+
+class CacheMismatchError(CacheError):
+    """A cache file exists but was computed for something else; names the mismatching field."""
+
+    def __init__(self, path: str | os.PathLike, field_name: str, expected: Any, found: Any):
+        self.field_name, self.expected, self.found = field_name, expected, found
+        super().__init__(
+            f"curvature cache {path} does not match the request: field {field_name!r} is {found!r} in the file "
+            f"but {expected!r} was asked for; delete the file or point cache_dir elsewhere to recompute")
+
+
+class CacheCorruptError(CacheError):
+    """A cache file cannot be read (truncated, not safetensors, or missing tensors)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+
+
+def resolve_module(model: nn.Module, param_name: str) -> nn.Module:
+    """The module that owns ``param_name`` (e.g. "model.layers.3.mlp.down_proj.weight" -> the down_proj Linear).
+
+    Raises:
+        KeyError: the parameter does not exist (the message lists a few similar names).
+        ValueError: the owner is neither ``nn.Linear`` nor transformers' ``Conv1D``, or the parameter is not its weight.
+    """
+    params = dict(model.named_parameters())
+    if param_name not in params:
+        import difflib
+
+        close = difflib.get_close_matches(param_name, list(params), n=3)
+        raise KeyError(f"the model has no parameter {param_name!r}; closest names: {close}")
+    module_name, _, leaf = param_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf != "weight":
+        raise ValueError(f"{param_name!r}: only weight matrices can be edited, not {leaf!r}")
+    weight_orientation(module)  # validates the module type
+    return module
+
+
+def weight_orientation(module: nn.Module) -> bool:
+    """True if the module stores its weight transposed, as (d_in, d_out) (GPT-2 ``Conv1D``); False for Linear."""
+    if isinstance(module, nn.Linear):
+        return False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return True
+    raise ValueError(f"unsupported layer type {type(module).__name__}: expected torch.nn.Linear or transformers Conv1D")
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a Linear or Conv1D layer."""
+    weight = module.weight
+    return (weight.shape[1], weight.shape[0]) if weight_orientation(module) else (weight.shape[0], weight.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Factors
+
+
+@dataclass
+class KFACFactors:
+    """K-FAC factors of one weight matrix.
+
+    Attributes:
+        A: (d_in, d_in) mean input-activation outer product.
+        S: (d_out, d_out) mean output-gradient outer product.
+        num_tokens: number of token positions the means are over (the merge weight).
+    """
+
+    A: torch.Tensor
+    S: torch.Tensor
+    num_tokens: int
+
+
+@dataclass
+class FactorSet:
+    """K-FAC factors of several weight matrices, keyed by parameter path, with the metadata that identifies them.
+
+    ``metadata`` holds JSON-serialisable values: model fingerprint, layers, shapes, corpus fingerprint, number of
+    sequences and tokens, sequence length, fisher type, dtype, package version.
+    """
+
+    factors: dict[str, KFACFactors]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> KFACFactors:
+        return self.factors[name]
+
+    def merge(self, other: "FactorSet") -> "FactorSet":
+        """Token-weighted streaming average: A = (n1 A1 + n2 A2) / (n1 + n2), likewise S, per layer.
+
+        Both sets must cover the same layers with the same shapes. The result's metadata records both parts.
+        """
+        if set(self.factors) != set(other.factors):
+            raise ValueError(f"cannot merge factor sets over different layers: {sorted(self.factors)} vs "
+                             f"{sorted(other.factors)}")
+        merged = {}
+        for name, mine in self.factors.items():
+            theirs = other.factors[name]
+            if mine.A.shape != theirs.A.shape or mine.S.shape != theirs.S.shape:
+                raise ValueError(f"cannot merge {name}: shapes {tuple(mine.S.shape)}x{tuple(mine.A.shape)} vs "
+                                 f"{tuple(theirs.S.shape)}x{tuple(theirs.A.shape)}")
+            n1, n2 = mine.num_tokens, theirs.num_tokens
+            total = n1 + n2
+            if total == 0:
+                raise ValueError(f"cannot merge {name}: both factor sets count zero tokens")
+            w1, w2 = n1 / total, n2 / total
+            merged[name] = KFACFactors(
+                A=w1 * mine.A + w2 * theirs.A.to(mine.A.device, mine.A.dtype),
+                S=w1 * mine.S + w2 * theirs.S.to(mine.S.device, mine.S.dtype),
+                num_tokens=total,
+            )
+        metadata = {"merged_from": [self.metadata, other.metadata],
+                    "num_tokens": sum(f.num_tokens for f in merged.values()) // max(len(merged), 1)}
+        return FactorSet(merged, metadata)
+
+    def to(self, device: torch.device | str) -> "FactorSet":
+        """Move every factor to ``device`` (returns a new set)."""
+        return FactorSet({n: KFACFactors(f.A.to(device), f.S.to(device), f.num_tokens) for n, f in self.factors.items()},
+                         dict(self.metadata))
+
+    # ---- persistence ----------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a safetensors file atomically (temp file in the same folder + rename). Returns the path."""
+        from safetensors.torch import save_file
+
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        layers = {}
+        for name, f in self.factors.items():
+            tensors[f"{name}::A"] = f.A.detach().cpu().contiguous()
+            tensors[f"{name}::S"] = f.S.detach().cpu().contiguous()
+            layers[name] = {"A_shape": list(f.A.shape), "S_shape": list(f.S.shape), "num_tokens": f.num_tokens}
+        metadata = dict(self.metadata, layers=layers, package_version=__version__,
+                        cache_format_version=CACHE_FORMAT_VERSION)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(metadata, sort_keys=True)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expected: Mapping[str, Any] | None = None,
+             device: torch.device | str = "cpu") -> "FactorSet":
+        """Read a cache written by :meth:`save`, checking its metadata against ``expected``.
+
+        Args:
+            path: the safetensors file.
+            expected: metadata fields that must match exactly (e.g. the output of :func:`curvature_identity`);
+                a field ``layer_shapes`` ({name: [d_out, d_in]}) is checked against the stored tensors.
+            device: where to put the factors.
+
+        Raises:
+            FileNotFoundError: no such file.
+            CacheCorruptError: the file is truncated, not safetensors, or lacks tensors its metadata names.
+            CacheMismatchError: a metadata field or a tensor shape differs from ``expected``.
+        """
+        from safetensors import safe_open
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no curvature cache at {path}")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                raw_meta = (handle.metadata() or {}).get(_META_KEY)
+                if raw_meta is None:
+                    raise CacheCorruptError(f"{path} is a safetensors file without crispedit_easyedit metadata")
+                metadata = json.loads(raw_meta)
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except CacheError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+            raise CacheCorruptError(f"curvature cache {path} cannot be read ({type(exc).__name__}: {exc}); "
+                                    "delete it to recompute") from exc
+        expected = dict(expected or {})
+        shapes = expected.pop("layer_shapes", None)
+        for key, value in expected.items():
+            found = metadata.get(key, "<missing>")
+            if found != value:
+                raise CacheMismatchError(path, key, value, found)
+        factors = {}
+        for name, info in metadata.get("layers", {}).items():
+            try:
+                A, S = tensors[f"{name}::A"], tensors[f"{name}::S"]
+            except KeyError as exc:
+                raise CacheCorruptError(f"curvature cache {path} lacks tensor {exc.args[0]!r}") from exc
+            if list(A.shape) != info["A_shape"] or list(S.shape) != info["S_shape"]:
+                raise CacheCorruptError(f"curvature cache {path}: tensors of {name} have shapes {list(S.shape)}, "
+                                        f"{list(A.shape)} but the metadata says {info['S_shape']}, {info['A_shape']}")
+            factors[name] = KFACFactors(A.to(device), S.to(device), int(info["num_tokens"]))
+        if shapes is not None:
+            for name, (d_out, d_in) in shapes.items():
+                if name not in factors:
+                    raise CacheMismatchError(path, "layers", sorted(shapes), sorted(factors))
+                found = [factors[name].S.shape[0], factors[name].A.shape[0]]
+                if found != [d_out, d_in]:
+                    raise CacheMismatchError(path, f"shape of {name} (d_out, d_in)", [d_out, d_in], found)
+        return cls(factors, metadata)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fingerprints and cache keys
+
+
+def _tensor_bytes(tensor: torch.Tensor, max_values: int | None = None) -> bytes:
+    flat = tensor.detach().reshape(-1)
+    if max_values is not None and flat.numel() > max_values:
+        flat = flat[:: flat.numel() // max_values][:max_values]
+    return flat.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def model_fingerprint(model: nn.Module, full_params: Iterable[str] = (), sample_values: int = 4096) -> dict[str, Any]:
+    """Identify a model's weights cheaply: name, revision, and a sha256 over every parameter.
+
+    Parameters named in ``full_params`` are hashed completely; every other parameter contributes its name, shape,
+    dtype and a strided sample of ``sample_values`` values, so any edit that changes many values is detected.
+    """
+    config = getattr(model, "config", None)
+    digest = hashlib.sha256()
+    full = set(full_params)
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+        digest.update(_tensor_bytes(param, None if name in full else sample_values))
+    return {
+        "name": str(getattr(config, "_name_or_path", "") or type(model).__name__),
+        "revision": getattr(config, "_commit_hash", None),
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def curvature_identity(model_fp: Mapping[str, Any], param_names: list[str], layer_shapes: Mapping[str, tuple],
+                       corpus_fp: str, num_sequences: int, seq_len: int, fisher_type: str, mc_samples: int,
+                       dtype: str, exclude_first_tokens: int, seed: int) -> dict[str, Any]:
+    """Everything that determines a curvature statistic, as JSON-able metadata (the cache key is its hash)."""
+    return {
+        "model": dict(model_fp),
+        "param_names": list(param_names),
+        "layer_shapes": {n: list(s) for n, s in layer_shapes.items()},
+        "corpus": corpus_fp,
+        "num_sequences": int(num_sequences),
+        "seq_len": int(seq_len),
+        "fisher_type": fisher_type,
+        "mc_samples": int(mc_samples) if fisher_type == "mc" else 1,
+        "dtype": dtype,
+        "exclude_first_tokens": int(exclude_first_tokens),
+        "seed": int(seed) if fisher_type == "mc" else None,
+        "cache_format_version": CACHE_FORMAT_VERSION,
+    }
+
+
+def cache_path_for(cache_dir: str | os.PathLike, identity: Mapping[str, Any]) -> Path:
+    """``{cache_dir}/kfac-<sha256 of the identity>.safetensors``."""
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir).expanduser() / f"kfac-{key}.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collection
+
+
+def loss_positions(attention_mask: torch.Tensor, exclude_first_tokens: int = 0) -> torch.Tensor:
+    """Positions whose next-token prediction is counted: inside the mask with a next token inside the mask.
+
+    Works for left and right padding. The first ``exclude_first_tokens`` real tokens of each sequence (attention
+    sinks) are left out.
+
+    Args:
+        attention_mask: (batch, T) 0/1.
+
+    Returns:
+        (batch, T) bool; the last column is always False.
+    """
+    mask = attention_mask.bool()
+    counted = torch.zeros_like(mask)
+    counted[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    if exclude_first_tokens > 0:
+        rank = mask.long().cumsum(dim=1)  # 1 for the first real token
+        counted &= rank > exclude_first_tokens
+    return counted
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, T) position ids that start at 0 on the first real token, whatever the padding side."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def _accepts_position_ids(model: nn.Module) -> bool:
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Keyword arguments for a causal LM forward with padding-correct position ids."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if _accepts_position_ids(model):
+        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+    return kwargs
+
+
+class _FactorAccumulator:
+    """Forward/backward hooks on one layer that sum a a^T and g g^T over counted positions in fp32/fp64."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        self.module = module
+        self.dtype = dtype
+        self.transposed = weight_orientation(module)
+        d_out, d_in = layer_shape(module)
+        device = module.weight.device
+        self.A = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+        self.S = torch.zeros(d_out, d_out, dtype=dtype, device=device)
+        self.positions: torch.Tensor | None = None  # (batch, T) bool, set per batch
+        self.handles = [module.register_forward_pre_hook(self._pre_hook), module.register_forward_hook(self._hook)]
+
+    @staticmethod
+    def _pre_hook(module, args):
+        # Make the layer input a leaf that requires grad, so the backward pass stops here and needs no weight grads.
+        (inp, *rest) = args
+        if not inp.requires_grad:
+            inp = inp.detach().requires_grad_(True)
+        return (inp, *rest)
+
+    def _hook(self, module, args, output):
+        pos = self.positions
+        a = args[0].detach()[pos].to(self.dtype)  # (n, d_in)
+        self.A.addmm_(a.T, a)
+        if output.requires_grad:
+            output.register_hook(self._grad_hook)
+
+    def _grad_hook(self, grad):
+        g = grad.detach()[self.positions].to(self.dtype)  # (n, d_out)
+        self.S.addmm_(g.T, g)
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def collect_kfac_factors(
+    model: nn.Module,
+    param_names: list[str],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    fisher_type: str = "mc",
+    mc_samples: int = 1,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    exclude_first_tokens: int = 0,
+    progress: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> FactorSet:
+    """Collect K-FAC factors of the named weight matrices in one pass over ``batches`` (see the module docstring).
+
+    Args:
+        model: a causal LM returning ``.logits`` of shape (batch, T, vocab).
+        param_names: weight paths, e.g. ["model.layers.14.mlp.down_proj.weight"] (Linear or Conv1D weights).
+        batches: dicts with ``input_ids`` (batch, T) and optionally ``attention_mask`` (batch, T) and
+            ``loss_mask`` (batch, T) bool restricting the counted positions further.
+        fisher_type: "mc" (sampled labels; the GNH, default) or "empirical" (true next tokens).
+        mc_samples: backward passes with fresh sampled labels per batch ("mc" only).
+        dtype: accumulation dtype, torch.float32 or torch.float64, whatever the model dtype.
+        seed: seed of the label sampler ("mc").
+        exclude_first_tokens: leave the first k real tokens of every sequence out (attention sinks).
+        progress: show a tqdm bar with tokens/s.
+        metadata: extra metadata to store with the factors.
+
+    Returns:
+        A FactorSet with A and S normalised by the number of counted tokens (S also by ``mc_samples``).
+
+    The model's requires_grad flags, training mode and weights are as before afterwards, also when this raises.
+    """
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+    if dtype not in FACTOR_DTYPES.values():
+        raise ValueError(f"factor dtype must be one of {list(FACTOR_DTYPES)}, got {dtype}")
+    if mc_samples < 1:
+        raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+    passes = mc_samples if fisher_type == "mc" else 1
+    modules = {name: resolve_module(model, name) for name in param_names}
+    saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    accumulators = {}
+    num_tokens = 0
+    num_sequences = 0
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if fisher_type == "mc" else None
+    started = time.perf_counter()
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        accumulators = {name: _FactorAccumulator(module, dtype) for name, module in modules.items()}
+        bar = tqdm(batches, desc="K-FAC statistics", unit="batch", disable=not progress)
+        for batch in bar:
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch.get("attention_mask")
+            attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+            counted = loss_positions(attention_mask, exclude_first_tokens)
+            if batch.get("loss_mask") is not None:
+                counted &= batch["loss_mask"].to(device).bool()
+            n = int(counted.sum())
+            if n == 0:
+                continue
+            for acc in accumulators.values():
+                acc.positions = counted
+            with torch.enable_grad():
+                logits = model(**model_inputs(model, input_ids, attention_mask)).logits
+                selected = logits[counted]
+                log_probs = torch.log_softmax(selected.to(torch.promote_types(selected.dtype, torch.float32)),
+                                              dim=-1)  # (n, vocab), at least fp32
+                for k in range(passes):
+                    if fisher_type == "mc":
+                        labels = torch.multinomial(log_probs.detach().exp(), 1, generator=generator).squeeze(1)
+                    else:
+                        labels = input_ids[:, 1:][counted[:, :-1]]
+                    loss = -log_probs.gather(1, labels[:, None]).sum()
+                    loss.backward(retain_graph=k < passes - 1)
+            num_tokens += n
+            num_sequences += int(input_ids.shape[0])
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(tokens=num_tokens, tok_per_s=f"{num_tokens / elapsed:.0f}")
+    finally:
+        for acc in accumulators.values():
+            acc.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved_flags[name])
+        model.train(was_training)
+    if num_tokens == 0:
+        raise ValueError("no token positions were counted: every batch was empty or fully masked")
+    factors = {
+        name: KFACFactors(A=acc.A / num_tokens, S=acc.S / (num_tokens * passes), num_tokens=num_tokens)
+        for name, acc in accumulators.items()
+    }
+    meta = {"num_tokens": num_tokens, "num_sequences": num_sequences, "fisher_type": fisher_type,
+            "mc_samples": passes, "dtype": str(dtype).replace("torch.", ""),
+            "exclude_first_tokens": exclude_first_tokens, "seconds": round(time.perf_counter() - started, 3)}
+    meta.update(metadata or {})
+    logger.info("K-FAC statistics of %d layers over %d tokens (%s) in %.1fs", len(factors), num_tokens,
+                fisher_type, meta["seconds"])
+    return FactorSet(factors, meta)
