@@ -1,0 +1,120 @@
+"""Adam with steps restricted to the low-curvature subspace of each edited weight matrix.
+
+Modes (``projection_mode``):
+
+* ``"gradient"``: project the gradient, then run Adam (the paper's Algorithm 1 and the reference code). Adam's
+  elementwise 1/sqrt(v) scaling does not commute with the projection, so part of each step leaks into removed
+  directions.
+* ``"update"``: run Adam on the raw gradient and project its final step. The accumulated weight change provably
+  stays in the kept subspace; converges slowly because Adam's moments see the raw gradients.
+* ``"both"``: project the gradient and then the step: no leak and the convergence of "gradient" mode (default).
+* ``"none"``: plain Adam (fine-tuning without the constraint; for ablations).
+
+The optimizer keeps an fp32 master copy of every parameter stored in a lower precision (bf16/fp16) and does all
+math in fp32; the model's weights are overwritten with the rounded master after each step. (Rounding to bf16 then
+perturbs removed directions at the level of bf16 resolution; the master copy itself stays in the subspace.)
+
+Weight decay is decoupled (AdamW) and, in "update" and "both" modes, part of the projected step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+PROJECTION_MODES = ("gradient", "update", "both", "none")
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ProjectedAdam:
+    """Adam/AdamW over a fixed list of parameters, each with its own projection of (d_out, d_in)-shaped tensors.
+
+    Args:
+        params: the edited weights (any float dtype).
+        projections: one callable per parameter mapping a tensor of the parameter's shape (fp32) to its projection,
+            or None for no projection of that parameter. For transposed weights (GPT-2 Conv1D) the callable must
+            handle the transpose.
+        mode: one of ``PROJECTION_MODES``.
+        lr, betas, eps, weight_decay: as in torch.optim.AdamW.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], projections: Iterable[Projection | None],
+                 mode: str = "both", lr: float = 5e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        if mode not in PROJECTION_MODES:
+            raise ValueError(f"projection_mode must be one of {PROJECTION_MODES}, got {mode!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        self.params = list(params)
+        self.projections = list(projections)
+        if len(self.params) != len(self.projections):
+            raise ValueError(f"got {len(self.params)} parameters but {len(self.projections)} projections")
+        self.mode = mode
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.step_count = 0
+        self.master = [p.detach().to(torch.float32).clone() if p.dtype != torch.float32 else None for p in self.params]
+        self.exp_avg = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+
+    def _project(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
+        projection = self.projections[index]
+        return tensor if projection is None else projection(tensor)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One Adam step on every parameter that has a gradient."""
+        self.step_count += 1
+        beta1, beta2 = self.betas
+        bias1 = 1 - beta1 ** self.step_count
+        bias2 = 1 - beta2 ** self.step_count
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            grad = p.grad.to(torch.float32)
+            if self.mode in ("gradient", "both"):
+                grad = self._project(i, grad)
+            self.exp_avg[i].mul_(beta1).add_(grad, alpha=1 - beta1)
+            self.exp_avg_sq[i].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (self.exp_avg_sq[i] / bias2).sqrt_().add_(self.eps)
+            update = (self.exp_avg[i] / bias1) / denom
+            weights = self.master[i] if self.master[i] is not None else p.data
+            if self.weight_decay:
+                update = update + self.weight_decay * weights
+            if self.mode in ("update", "both"):
+                update = self._project(i, update)
+            weights.add_(update, alpha=-self.lr)
+            if self.master[i] is not None:
+                p.data.copy_(weights.to(p.dtype))
+
+    def set_projections(self, projections: Iterable[Projection | None]) -> None:
+        """Swap in new projections (after a cache refresh or a CrispEdit-Seq chunk).
+
+        The first moments are re-projected in "gradient" and "both" modes, where they are sums of projected
+        gradients and must lie in the new subspace; the second moments are elementwise scales and stay as they are
+        ("update" and "both" modes project the final step anyway).
+        """
+        projections = list(projections)
+        if len(projections) != len(self.params):
+            raise ValueError(f"got {len(projections)} projections for {len(self.params)} parameters")
+        self.projections = projections
+        if self.mode in ("gradient", "both"):
+            for i in range(len(self.params)):
+                self.exp_avg[i] = self._project(i, self.exp_avg[i])
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+
+def leak_fraction(delta: torch.Tensor, projection: Projection) -> float:
+    """||delta - P(delta)|| / ||delta||: the share of a weight change lying in removed directions."""
+    norm = float(delta.norm())
+    if norm == 0 or math.isnan(norm):
+        return 0.0
+    return float((delta - projection(delta)).norm()) / norm
