@@ -1,0 +1,165 @@
+"""Algorithm 1 and 2 on tiny models: edits land, only edit weights change, failures leave the model untouched."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from crispedit_easyedit import editing
+from crispedit_easyedit.curvature import collect_kfac_factors
+from crispedit_easyedit.editing import IGNORE_INDEX, apply_crispedit, collate, edit_targets, tokenize_edit
+from crispedit_easyedit.optim import leak_fraction
+from crispedit_easyedit.projector import KroneckerProjector
+from tests.tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
+
+FACTS = [
+    {"prompt": "The capital of France is", "target_new": "Berlin"},
+    {"prompt": "Water boils at", "target_new": "Shakespeare"},
+    {"prompt": "The river Nile flows through", "target_new": "Hamlet"},
+    {"prompt": "Who is the author of Hamlet?", "target_new": "Paris"},
+]
+
+
+def hparams(**overrides):
+    base = dict(layers=[1, 2], rewrite_module_tmp="model.layers.{}.mlp.down_proj.weight", num_steps=60, lr=5e-3,
+                weight_decay=0.0, batch_size=2, max_length=32, energy_threshold=0.5, mom2_dtype="float32",
+                fisher_type="mc", mc_samples=1, projection_mode="both", early_stop_loss=0.01, seed=0,
+                chunk_size=None, edit_kfac_on_full_sequence=True)
+    base.update(overrides)
+    return SimpleNamespace(**base)
+
+
+def corpus_factors(model, hp, tok):
+    ids = torch.randint(1, len(tok), (8, 16), generator=torch.Generator().manual_seed(5))
+    names = [t.name for t in edit_targets(model, hp)]
+    return collect_kfac_factors(model, names, [{"input_ids": ids[i : i + 4]} for i in (0, 4)], progress=False)
+
+
+def target_accuracy(model, tok, facts):
+    """Teacher-forced token accuracy of the targets (EasyEdit's rewrite_acc)."""
+    accs = []
+    for f in facts:
+        ids, labels = tokenize_edit(tok, f["prompt"], f["target_new"], 32)
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+        lab = torch.tensor(labels[1:])
+        keep = lab != IGNORE_INDEX
+        accs.append(float((logits[keep].argmax(-1) == lab[keep]).float().mean()))
+    return sum(accs) / len(accs)
+
+
+def test_tokenize_edit_joins_ids_at_an_exact_boundary():
+    tok = tiny_tokenizer()
+    ids, labels = tokenize_edit(tok, "The capital of France is", "Paris", 64)
+    prompt_ids = tok("The capital of France is")["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids
+    assert labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    assert tok.decode(ids[len(prompt_ids):]) == " Paris"  # leading space added for the BPE tokenizer
+    _, labels_space = tokenize_edit(tok, "The capital of France is ", "Paris", 64)
+    assert tok.decode([t for t in labels_space if t != IGNORE_INDEX]) == "Paris"
+    ids, labels = tokenize_edit(tok, "word " * 40 + "end", "Paris", 8)  # prompt cut from the left
+    assert len(ids) == 8 and tok.decode([t for t in labels if t != IGNORE_INDEX]) == " Paris"
+    with pytest.raises(ValueError, match="empty target_new"):
+        tokenize_edit(tok, "x", " ", 8)
+
+
+def test_collate_pads_right_and_masks_labels():
+    batch = collate([([5, 6, 7], [IGNORE_INDEX, 6, 7]), ([8], [IGNORE_INDEX])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 3]
+
+
+@pytest.mark.parametrize("mode", ["both", "gradient", "update"])
+def test_batch_edit_lands_and_touches_only_edit_weights(mode):
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"  # EasyEdit hands left-padded tokenizers over; CrispEdit pads itself
+    model = tiny_llama()
+    hp = hparams(projection_mode=mode, num_steps=150 if mode == "update" else 60)
+    factors = corpus_factors(model, hp, tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert target_accuracy(model, tok, FACTS) < 0.5
+    report = apply_crispedit(model, tok, FACTS, hp, factors=factors, progress=False)
+    assert target_accuracy(model, tok, FACTS) == 1.0
+    edited = {t.name for t in edit_targets(model, hp)}
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n not in edited), n
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert len(tok) == 512
+    for name in edited:
+        info = report.layers[name]
+        assert 0 < info["kept_fraction"] < 1 and info["predicted_loss_increase"] > 0
+        if mode != "gradient":
+            assert info["leak_fraction"] < 1e-5
+
+
+def test_conv1d_gpt2_edit_stays_in_subspace():
+    tok = tiny_tokenizer()
+    model = tiny_gpt2()
+    hp = hparams(layers=[1, 2], rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", lr=2e-2, num_steps=100)
+    factors = corpus_factors(model, hp, tok)
+    name = "transformer.h.1.mlp.c_proj.weight"
+    w0 = dict(model.named_parameters())[name].detach().clone()
+    apply_crispedit(model, tok, FACTS[:2], hp, factors=factors, progress=False)
+    assert target_accuracy(model, tok, FACTS[:2]) == 1.0
+    delta = (dict(model.named_parameters())[name].detach() - w0).T  # (d_out, d_in)
+    f = factors[name]
+    proj = KroneckerProjector.from_factors(f.A, f.S, hp.energy_threshold)
+    assert leak_fraction(delta, proj.project) < 1e-5
+
+
+def test_failure_mid_edit_leaves_model_untouched(monkeypatch):
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    hp = hparams()
+    factors = corpus_factors(model, hp, tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = {"n": 0}
+    real_step = editing.ProjectedAdam.step
+
+    def failing_step(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated out-of-memory")
+        return real_step(self)
+
+    monkeypatch.setattr(editing.ProjectedAdam, "step", failing_step)
+    with pytest.raises(RuntimeError, match="simulated"):
+        apply_crispedit(model, tok, FACTS, hp, factors=factors, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_missing_layer_is_a_clear_error():
+    tok = tiny_tokenizer()
+    with pytest.raises(KeyError, match="model.layers.9.mlp.down_proj.weight"):
+        apply_crispedit(tiny_llama(), tok, FACTS, hparams(layers=[9]), progress=False)
+
+
+def test_sequential_chunks_merge_statistics_of_past_edits(monkeypatch):
+    """CrispEdit-Seq: chunk k+1 is projected with the token-weighted merge of the capability factors and the K-FAC
+    factors of chunk k's whole prompt+target sequences, collected on the edited model (Algorithm 2)."""
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    hp = hparams(chunk_size=2, num_steps=80, energy_threshold=0.9)
+    factors = corpus_factors(model, hp, tok)
+    seen = []
+    real_build = editing.build_projectors
+    monkeypatch.setattr(editing, "build_projectors", lambda f, *a, **k: seen.append(f) or real_build(f, *a, **k))
+    report = apply_crispedit(model, tok, FACTS, hp, factors=factors, progress=False)
+    assert report.chunks == 2 and len(seen) == 2
+    name = "model.layers.1.mlp.down_proj.weight"
+    edit_tokens = sum(len(tokenize_edit(tok, f["prompt"], f["target_new"], 32)[0]) - 1 for f in FACTS[:2])
+    assert seen[0] is factors
+    assert seen[1][name].num_tokens == factors[name].num_tokens + edit_tokens
+    assert not torch.allclose(seen[1][name].A, factors[name].A)
+    assert target_accuracy(model, tok, FACTS[2:]) == 1.0
+
+
+def test_plain_finetuning_mode_none():
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    hp = hparams(projection_mode="none")
+    report = apply_crispedit(model, tok, FACTS, hp, factors=corpus_factors(model, hp, tok), progress=False)
+    assert target_accuracy(model, tok, FACTS) == 1.0
+    assert max(info["leak_fraction"] for info in report.layers.values()) > 0.01
