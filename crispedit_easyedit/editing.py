@@ -152,7 +152,7 @@ def capability_factors(model: nn.Module, tok, hparams, targets: Sequence[EditTar
     The cache key covers the model fingerprint (weights included), layers, corpus, tokenizer, number and length of
     sequences, Fisher type, samples, dtype, sink exclusion and seed; a cache whose metadata does not match raises.
     """
-    from .corpora import corpus_fingerprint, load_corpus, pack_sequences
+    from .corpora import corpus_fingerprint, load_corpus, spread_windows
 
     names = [t.name for t in targets]
     texts = load_corpus(hparams.mom2_dataset, split="stats")
@@ -170,7 +170,7 @@ def capability_factors(model: nn.Module, tok, hparams, targets: Sequence[EditTar
     logger.info("collecting capability curvature (%s, %d sequences x %d tokens, fisher %s)%s",
                 hparams.mom2_dataset, hparams.mom2_n_samples, hparams.curvature_seq_len, hparams.fisher_type,
                 f"; will cache at {path}" if path else "; no cache_dir: not cached")
-    packed = pack_sequences(texts, tok, hparams.curvature_seq_len, hparams.mom2_n_samples, seed=hparams.seed)
+    packed = spread_windows(texts, tok, hparams.curvature_seq_len, hparams.mom2_n_samples)
     size = hparams.curvature_batch_size
     batches = [{key: value[i : i + size] for key, value in packed.items()}
                for i in range(0, packed["input_ids"].shape[0], size)]

@@ -1,0 +1,412 @@
+"""Benchmark records (ZsRE, CounterFact, WikiBigEdit) -> EasyEdit edit requests.
+
+Every request is a dict in EasyEdit's request layout::
+
+    {
+        "case_id": int,                 # index of the record in its file (CounterFact: its own case_id)
+        "prompt": str,
+        "target_new": str,
+        "ground_truth": str | None,     # None only for WikiBigEdit records that carry none
+        "rephrase_prompt": str,         # omitted when the record has none (or only the placeholder)
+        "subject": str,                 # omitted when missing or not a substring of the prompt
+        "locality": {"neighborhood": {"prompt": str, "ground_truth": str}},   # {} when the record has none
+        "portability": {...},           # WikiBigEdit release form: "personas" / "mhop"; else {}
+        "loc_prompt": str,              # locality prompt + " " + its answer, as EasyEdit main's WISE/GRACE use it
+    }
+
+Field mapping:
+
+- ZsRE (MEND files): prompt = ``src``, target_new = ``alt``, ground_truth = ``answers[0]``, rephrase_prompt =
+  ``rephrase``, locality = ``loc`` without its leading ``"nq question: "`` / ``loc_ans``, subject = ``subject``.
+- CounterFact (EasyEdit "counterfact-edit" format): the EasyEdit names ``prompt, target_new, ground_truth,
+  rephrase_prompt, subject, locality_prompt, locality_ground_truth``.
+- WikiBigEdit, either CrispEdit's 6-field form (``prompt, target_new, subject, rephrase_prompt, locality_prompt,
+  locality_ground_truth``, optional ``ground_truth``) or the original release form as EasyEdit main's
+  ``WikiBigEditDataset`` reads it: prompt = ``update``, target_new = ``ans``, rephrase_prompt = ``rephrase``,
+  locality = ``loc`` / ``loc_ans``, portability ``personas`` (prompt ``personas``, answer ``ans``) and ``mhop``
+  (prompt ``mhop``, answer ``mhop_ans``), optional ``ground_truth``. The form is detected per record.
+
+Records lacking a required field (prompt, target_new, and ground_truth for ZsRE and CounterFact) are skipped and
+counted per reason in :attr:`RequestSet.skipped`; missing optional fields are counted in
+:attr:`RequestSet.missing`. The literal rephrase placeholder ``"Reformulated Question:"`` counts as a missing
+rephrase. All strings are stripped of surrounding whitespace.
+
+This module never imports EasyEdit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = ("zsre", "counterfact", "wikibigedit")
+#: File names of the records that :func:`default_data_path` looks for.
+DEFAULT_FILES: dict[str, str] = {
+    "zsre": "zsre_eval.json",
+    "counterfact": "counterfact.json",
+    "wikibigedit": "wikibigedit.json",
+}
+DATA_DIR_ENV = "CRISPEDIT_DATA_DIR"
+REPHRASE_PLACEHOLDER = "Reformulated Question:"
+LOCALITY_KEY = "neighborhood"
+_NQ_PREFIX = re.compile(r"^\s*nq question:\s*", re.IGNORECASE)
+
+
+@dataclass
+class RequestSet:
+    """Edit requests read from a benchmark file.
+
+    Attributes:
+        requests: EasyEdit request dicts (see the module docstring), in file order.
+        skipped: Number of records skipped, per reason (e.g. ``{"missing_target_new": 2}``).
+        source: Where the records came from (a path, or a description).
+        dataset: ``"zsre"``, ``"counterfact"`` or ``"wikibigedit"``.
+        start: Index of the first record read.
+        stop: One past the index of the last record read.
+        missing: Number of kept requests that lack an optional field, per field (e.g. ``{"rephrase_prompt": 3}``).
+    """
+
+    requests: list[dict[str, Any]]
+    skipped: dict[str, int]
+    source: str
+    dataset: str = ""
+    start: int = 0
+    stop: int = 0
+    missing: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.requests)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.requests[index]
+
+    @property
+    def n_skipped(self) -> int:
+        """Total number of skipped records."""
+        return sum(self.skipped.values())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building one request (shared with the EasyEdit adapter so both paths agree)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str | None:
+    """A stripped non-empty string, or None for missing / empty / non-string values."""
+    if isinstance(value, str):
+        value = value.strip()
+        return value or None
+    return None
+
+
+def strip_nq_prefix(prompt: str) -> str:
+    """Remove ZsRE's leading ``"nq question: "`` from a locality prompt."""
+    return _NQ_PREFIX.sub("", prompt, count=1)
+
+
+def make_request(
+    *,
+    case_id: int,
+    prompt: Any,
+    target_new: Any,
+    ground_truth: Any,
+    ground_truth_required: bool,
+    rephrase_prompt: Any = None,
+    subject: Any = None,
+    locality_prompt: Any = None,
+    locality_ground_truth: Any = None,
+    portability: Mapping[str, tuple[Any, Any]] | None = None,
+) -> tuple[dict[str, Any] | None, str | None, list[str]]:
+    """Validate raw field values and build one EasyEdit request.
+
+    Args:
+        case_id: Record identifier stored in the request.
+        prompt, target_new, ground_truth, rephrase_prompt, subject, locality_prompt, locality_ground_truth: Raw
+            values (stripped; empty or non-string values count as missing).
+        ground_truth_required: Skip the record when ground_truth is missing (else store None).
+        portability: ``{key: (prompt, answer)}``; pairs with a missing member are left out.
+
+    Returns:
+        ``(request, None, missing_optional_fields)`` or ``(None, skip_reason, [])``.
+    """
+    prompt_s, target_s, truth_s = _text(prompt), _text(target_new), _text(ground_truth)
+    if prompt_s is None:
+        return None, "missing_prompt", []
+    if target_s is None:
+        return None, "missing_target_new", []
+    if truth_s is None and ground_truth_required:
+        return None, "missing_ground_truth", []
+
+    missing: list[str] = []
+    request: dict[str, Any] = {
+        "case_id": case_id,
+        "prompt": prompt_s,
+        "target_new": target_s,
+        "ground_truth": truth_s,
+    }
+    if truth_s is None:
+        missing.append("ground_truth")
+
+    rephrase_s = _text(rephrase_prompt)
+    if rephrase_s is None or rephrase_s == REPHRASE_PLACEHOLDER:
+        missing.append("rephrase_prompt")
+    else:
+        request["rephrase_prompt"] = rephrase_s
+
+    subject_s = _text(subject)
+    if subject_s is None or subject_s not in prompt_s:
+        missing.append("subject")
+    else:
+        request["subject"] = subject_s
+
+    loc_prompt_s, loc_answer_s = _text(locality_prompt), _text(locality_ground_truth)
+    if loc_prompt_s is not None:
+        loc_prompt_s = _text(strip_nq_prefix(loc_prompt_s))
+    if loc_prompt_s is None or loc_answer_s is None:
+        missing.append("locality")
+        request["locality"] = {}
+    else:
+        request["locality"] = {LOCALITY_KEY: {"prompt": loc_prompt_s, "ground_truth": loc_answer_s}}
+        request["loc_prompt"] = f"{loc_prompt_s} {loc_answer_s}"
+
+    request["portability"] = {}
+    for key, (port_prompt, port_answer) in (portability or {}).items():
+        port_prompt_s, port_answer_s = _text(port_prompt), _text(port_answer)
+        if port_prompt_s is None or port_answer_s is None:
+            missing.append(f"portability.{key}")
+        else:
+            request["portability"][key] = {"prompt": port_prompt_s, "ground_truth": port_answer_s}
+    return request, None, missing
+
+
+def _zsre_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    answers = record.get("answers")
+    if isinstance(answers, str):
+        truth: Any = answers
+    elif isinstance(answers, Sequence) and answers:
+        truth = answers[0]
+    else:
+        truth = None
+    return {
+        "prompt": record.get("src"),
+        "target_new": record.get("alt"),
+        "ground_truth": truth,
+        "ground_truth_required": True,
+        "rephrase_prompt": record.get("rephrase"),
+        "subject": record.get("subject"),
+        "locality_prompt": record.get("loc"),
+        "locality_ground_truth": record.get("loc_ans"),
+    }
+
+
+def _counterfact_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt": record.get("prompt"),
+        "target_new": record.get("target_new"),
+        "ground_truth": record.get("ground_truth"),
+        "ground_truth_required": True,
+        "rephrase_prompt": record.get("rephrase_prompt"),
+        "subject": record.get("subject"),
+        "locality_prompt": record.get("locality_prompt"),
+        "locality_ground_truth": record.get("locality_ground_truth"),
+    }
+
+
+def is_wikibigedit_release_form(record: Mapping[str, Any]) -> bool:
+    """Whether a WikiBigEdit record uses the original release fields (``update``, ``ans``, ...)."""
+    return "update" in record or "ans" in record
+
+
+def _wikibigedit_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    if is_wikibigedit_release_form(record):
+        return {
+            "prompt": record.get("update"),
+            "target_new": record.get("ans"),
+            "ground_truth": record.get("ground_truth"),
+            "ground_truth_required": False,
+            "rephrase_prompt": record.get("rephrase"),
+            "subject": record.get("subject"),
+            "locality_prompt": record.get("loc"),
+            "locality_ground_truth": record.get("loc_ans"),
+            "portability": {
+                "personas": (record.get("personas"), record.get("ans")),
+                "mhop": (record.get("mhop"), record.get("mhop_ans")),
+            },
+        }
+    fields = _counterfact_fields(record)
+    fields["ground_truth_required"] = False
+    return fields
+
+
+_FIELD_MAPPERS = {"zsre": _zsre_fields, "counterfact": _counterfact_fields, "wikibigedit": _wikibigedit_fields}
+
+
+def record_to_request(
+    dataset: str, record: Mapping[str, Any], index: int
+) -> tuple[dict[str, Any] | None, str | None, list[str]]:
+    """Map one raw benchmark record to a request; see :func:`make_request` for the return value."""
+    _check_dataset(dataset)
+    if not isinstance(record, Mapping):
+        return None, "not_an_object", []
+    case_id = record.get("case_id", index) if dataset == "counterfact" else index
+    if not isinstance(case_id, int) or isinstance(case_id, bool):
+        case_id = index
+    return make_request(case_id=case_id, **_FIELD_MAPPERS[dataset](record))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Files and ranges
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_dataset(dataset: str) -> None:
+    if dataset not in DATASETS:
+        raise ValueError(f"Unknown dataset {dataset!r}; valid choices: {list(DATASETS)}.")
+
+
+def read_records(path: str | os.PathLike[str]) -> list[Any]:
+    """Read benchmark records from a JSON list (``.json``) or JSON lines (``.jsonl``) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Benchmark file {str(path)!r} does not exist.")
+    if path.suffix.lower() == ".jsonl":
+        records = []
+        with path.open(encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{line_no} is not valid JSON: {err}") from err
+        return records
+    with path.open(encoding="utf-8") as handle:
+        records = json.load(handle)
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a JSON list of records, found {type(records).__name__}.")
+    return records
+
+
+def check_range(n_records: int, start: int, count: int | None, source: str = "the file") -> int:
+    """Validate ``start``/``count`` against ``n_records`` and return the stop index.
+
+    Raises:
+        ValueError: naming the valid range.
+    """
+    if not isinstance(start, int) or not 0 <= start < n_records:
+        raise ValueError(f"start={start!r} is out of range for {source} with {n_records} records; "
+                         f"valid: 0 <= start <= {n_records - 1}.")
+    if count is None:
+        return n_records
+    if not isinstance(count, int) or not 1 <= count <= n_records - start:
+        raise ValueError(f"count={count!r} is out of range for start={start} in {source} with {n_records} records; "
+                         f"valid: 1 <= count <= {n_records - start} (or None for all remaining records).")
+    return start + count
+
+
+def build_request_set(
+    dataset: str,
+    indexed_records: Sequence[tuple[int, Mapping[str, Any]]],
+    source: str,
+    start: int,
+    stop: int,
+    extra_skipped: Mapping[str, int] | None = None,
+) -> RequestSet:
+    """Convert ``(index, record)`` pairs into a :class:`RequestSet`, counting skips and missing fields."""
+    requests: list[dict[str, Any]] = []
+    skipped: Counter[str] = Counter(extra_skipped or {})
+    missing: Counter[str] = Counter()
+    for index, record in indexed_records:
+        request, reason, missing_fields = record_to_request(dataset, record, index)
+        if request is None:
+            skipped[reason or "invalid"] += 1
+        else:
+            requests.append(request)
+            missing.update(missing_fields)
+    result = RequestSet(requests=requests, skipped=dict(skipped), source=source, dataset=dataset, start=start,
+                        stop=stop, missing=dict(missing))
+    if result.skipped:
+        logger.warning("%s records %d-%d: skipped %d records %s.", source, start, stop - 1, result.n_skipped,
+                       result.skipped)
+    if result.missing:
+        logger.info("%s records %d-%d: requests lacking optional fields: %s.", source, start, stop - 1,
+                    result.missing)
+    return result
+
+
+def load_requests(
+    dataset: str,
+    path: str | os.PathLike[str] | None = None,
+    start: int = 0,
+    count: int | None = None,
+) -> RequestSet:
+    """Load edit requests of a benchmark.
+
+    Args:
+        dataset: ``"zsre"``, ``"counterfact"`` or ``"wikibigedit"``.
+        path: A ``.json`` list or ``.jsonl`` file of records; default :func:`default_data_path` ``(dataset)``.
+        start: Index of the first record in the file (records, not requests: skipped records still count).
+        count: Number of records to read from ``start``; None reads to the end.
+
+    Returns:
+        A :class:`RequestSet`.
+
+    Raises:
+        ValueError: for an unknown dataset or an out-of-range ``start``/``count`` (naming the valid range).
+        FileNotFoundError: if the file does not exist.
+    """
+    _check_dataset(dataset)
+    file = Path(path) if path is not None else default_data_path(dataset)
+    records = read_records(file)
+    stop = check_range(len(records), start, count, source=str(file))
+    return build_request_set(dataset, [(i, records[i]) for i in range(start, stop)], str(file), start, stop)
+
+
+def _repository_root(start: Path) -> Path | None:
+    for folder in (start, *start.parents):
+        if (folder / ".git").exists():
+            return folder
+    return None
+
+
+def default_data_path(dataset: str) -> Path:
+    """The default records file of ``dataset``.
+
+    Looks for :data:`DEFAULT_FILES` ``[dataset]`` in ``$CRISPEDIT_DATA_DIR``, then in ``../shared/data`` relative to
+    the git repository that contains the current working directory (or to the working directory itself).
+
+    Raises:
+        ValueError: for an unknown dataset.
+        FileNotFoundError: naming every place tried and how to fix it.
+    """
+    _check_dataset(dataset)
+    name = DEFAULT_FILES[dataset]
+    candidates: list[Path] = []
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        candidates.append(Path(env).expanduser() / name)
+    cwd = Path.cwd()
+    root = _repository_root(cwd)
+    for base in ([root] if root is not None else []) + [cwd]:
+        candidate = base.parent / "shared" / "data" / name
+        if candidate not in candidates:
+            candidates.append(candidate)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"No {dataset} records found (looked for {tried}). Pass the file path explicitly, or set "
+        f"{DATA_DIR_ENV} to a folder containing {name}."
+    )
