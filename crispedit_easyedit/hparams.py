@@ -1,0 +1,446 @@
+"""CrispEdit hyperparameters: a validated dataclass in EasyEdit's hparams layout.
+
+EasyEdit's ``BaseEditor`` and evaluators only *read attributes* of the hyperparameter object (``alg_name``,
+``model_name``, ``device``, ``model_parallel``, ``batch_size``, ``max_length``, ``fp16``, ``use_chat_template``,
+``evaluation_type``, ``api_key``), so this class does not subclass or import ``easyeditor``: it mimics EasyEdit's
+``HyperParams`` API (``from_hparams``, ``from_json``, ``construct_float_from_scientific_notation``, ``to_dict``) and
+adds what EasyEdit lacks: every field is typed, documented (``dataclasses.field(metadata={"help": ...})``) and
+validated when the object is built, with errors that name the field, the bad value and what is allowed.
+
+Loading rules:
+    * ``from_hparams(path)`` appends ``.yaml`` when the path has no ``.yaml``/``.yml``/``.json`` suffix (as EasyEdit
+      does), reads YAML with ``yaml.safe_load`` and turns scientific-notation strings such as ``"5e-4"`` (YAML 1.1
+      reads those as strings) into numbers, for numeric fields only (a ``model_name`` of ``"1234"`` stays a string).
+    * Unknown keys are rejected with a ``ValueError`` naming the key and the closest valid key.
+    * The keys of the CrispEdit authors' published YAML files (zarifikram/CrispEdit, ``hparams/CrispEdit/*.yaml``)
+      that this implementation does not use are accepted and ignored (``LEGACY_KEYS``); the authors' alg_name
+      spelling ``"CRISPEDIT"`` is normalised to ``"CrispEdit"``.
+
+Example:
+    >>> hp = CrispEditHyperParams.from_hparams("hparams/CrispEdit/SmolLM2-135M-Instruct")  # doctest: +SKIP
+    >>> hp.torch_device(), hp.factor_dtype  # doctest: +SKIP
+    (device(type='cpu'), torch.float32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import torch
+import yaml
+
+logger = logging.getLogger(__name__)
+
+ALG_NAME = "CrispEdit"
+"""The only ``alg_name`` this class accepts (the key under which the method is registered in EasyEdit)."""
+
+LEGACY_ALG_NAMES: tuple[str, ...] = ("CRISPEDIT",)
+"""Spellings of ``alg_name`` used by the authors' loader, normalised to ``ALG_NAME``."""
+
+LEGACY_KEYS: dict[str, str] = {
+    "kl_factor": "FT-style KL regulariser of the authors' fork; CrispEdit protects capabilities by projection",
+    "norm_constraint": "FT-style weight clamp of the authors' fork; CrispEdit protects capabilities by projection",
+    "objective_optimization": "the edit loss is always the teacher-forced cross-entropy of the target tokens "
+    "('target_new')",
+    "layer_module_tmp": "module templates are not needed: statistics are hooked on rewrite_module_tmp's module",
+    "mlp_module_tmp": "module templates are not needed: statistics are hooked on rewrite_module_tmp's module",
+    "attn_module_tmp": "module templates are not needed: statistics are hooked on rewrite_module_tmp's module",
+    "ln_f_module": "module templates are not needed: statistics are hooked on rewrite_module_tmp's module",
+    "lm_head_module": "module templates are not needed: statistics are hooked on rewrite_module_tmp's module",
+}
+"""Keys of the authors' published YAML files (zarifikram/CrispEdit hparams/CrispEdit/{llama3-8b,mistral-7b,
+qwen2.5-7b}.yaml) that this implementation accepts and ignores, with the reason."""
+
+# Values of legacy keys that mean "off" / the behaviour we implement anyway; anything else is logged as a warning
+# because the user asked for something that is ignored.
+_LEGACY_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "kl_factor": (0, 0.0, None, False),
+    "norm_constraint": (False, None, 0, 0.0),
+    "objective_optimization": ("target_new", None),
+}
+
+DEVICE_CHOICES = "a non-negative CUDA index (int), 'cpu', 'cuda', 'cuda:N' or 'mps'"
+MOM2_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+FISHER_TYPES: tuple[str, ...] = ("mc", "empirical")
+PROJECTION_MODES: tuple[str, ...] = ("gradient", "update", "both", "none")
+EVALUATION_TYPES: tuple[str | None, ...] = (None, "LLM-judge", "generate-text")
+_DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002 - dataclass idiom
+    """A dataclass field with a help text in its metadata."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass(kw_only=True)
+class CrispEditHyperParams:
+    """Hyperparameters of CrispEdit (paper Algorithms 1 and 2) in EasyEdit's layout.
+
+    Build it with ``from_hparams`` (YAML), ``from_json`` or ``from_dict``; direct keyword construction works too and is
+    validated the same way. Assigning attributes afterwards (EasyEdit does ``hparams.batch_size = 1``) is allowed; call
+    ``validate()`` to check the object again.
+    """
+
+    # --- EasyEdit's required keys -------------------------------------------------------------------------------
+    alg_name: str = _f(ALG_NAME, "Method name EasyEdit looks up in ALG_DICT; must be 'CrispEdit' "
+                                 "('CRISPEDIT' is accepted and normalised).")
+    model_name: Any = _f(help="Model name or path (EasyEdit picks model classes by substring of it), or a "
+                              "(model, tokenizer) pair as EasyEdit accepts.")
+    device: int | str = _f(0, "Device: a CUDA index (EasyEdit's convention; falls back to CPU with a warning "
+                              "when CUDA is unavailable), 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    model_parallel: bool = _f(False, "EasyEdit: load the model with device_map='auto' across GPUs.")
+    layers: list[int] = _f(help="Indices of the transformer blocks whose weights are edited (non-empty).")
+    rewrite_module_tmp: str = _f("model.layers.{}.mlp.down_proj.weight",
+                                 "Parameter-name template of the edited weight; '{}' is replaced by the layer index.")
+    # --- Editing (Algorithm 1) -----------------------------------------------------------------------------------
+    num_steps: int = _f(25, "Number of epochs over the edit requests (paper: 25).")
+    lr: float = _f(5e-4, "Adam learning rate (paper: 5e-4).")
+    weight_decay: float = _f(0.0, "Adam weight decay (decoupled, AdamW-style).")
+    batch_size: int = _f(32, "Edits per optimiser step; EasyEdit's batch_edit also chunks requests by it.")
+    max_length: int = _f(128, "Maximum tokens of one prompt+target sequence (EasyEdit's evaluators read it too).")
+    early_stop_loss: float = _f(0.01, "Stop editing once the mean edit loss of an epoch falls below this (paper: "
+                                      "0.01); 0 disables early stopping.")
+    seed: int = _f(0, "Random seed of Monte Carlo labels, data order and corpus sampling.")
+    # --- Curvature (capability statistics) -----------------------------------------------------------------------
+    energy_threshold: float = _f(0.8, "gamma: fraction of the Kronecker eigenvalue energy whose directions are "
+                                      "removed from the update, in (0, 1].")
+    mom2_dataset: str = _f("wikipedia-offline", "Capability corpus spec the curvature statistics are collected on.")
+    mom2_n_samples: int = _f(64, "Number of corpus sequences the curvature statistics are collected on (paper n).")
+    mom2_dtype: str = _f("float32", "dtype of K-FAC factors and their eigendecomposition: float32 or float64.")
+    fisher_type: str = _f("mc", "'mc': labels sampled from the model (true Fisher / GNH, the paper's choice); "
+                                "'empirical': the corpus' next tokens.")
+    mc_samples: int = _f(1, "Monte Carlo label samples per token when fisher_type is 'mc'.")
+    projection_mode: str = _f("both", "What is projected: 'gradient' (before Adam), 'update' (Adam's step), "
+                                      "'both', or 'none' (plain fine-tuning, for ablations).")
+    curvature_seq_len: int = _f(256, "Tokens per corpus sequence for the curvature statistics.")
+    curvature_batch_size: int = _f(8, "Corpus sequences per forward/backward pass when collecting statistics.")
+    exclude_first_tokens: int = _f(0, "Leading positions of each corpus sequence left out of the statistics "
+                                      "(attention-sink tokens); must be below curvature_seq_len.")
+    cache_dir: str | None = _f("~/.cache/crispedit_easyedit", "Folder of the on-disk curvature cache "
+                                                              "(safetensors + JSON); None disables the disk cache.")
+    # --- CrispEdit-Seq (Algorithm 2) -----------------------------------------------------------------------------
+    chunk_size: int | None = _f(None, "CrispEdit-Seq: edits per chunk (paper: 100); None = one batch edit "
+                                      "(Algorithm 1).")
+    edit_kfac_on_full_sequence: bool = _f(True, "CrispEdit-Seq: collect the statistics of past edits on the whole "
+                                                "prompt+target sequence, not only target tokens (paper App. E).")
+    # --- Attributes EasyEdit's BaseEditor / evaluators read (both generations) -----------------------------------
+    fp16: bool = _f(False, "EasyEdit (GitHub main): load a model given by name in float16.")
+    use_chat_template: bool = _f(False, "EasyEdit (GitHub main) evaluators: wrap prompts in the tokenizer's "
+                                        "chat template.")
+    evaluation_type: str | None = _f(None, "EasyEdit (GitHub main) evaluation: None (teacher-forced token "
+                                           "accuracy), 'LLM-judge' (WILD) or 'generate-text'.")
+    api_key: str | None = _f(None, "EasyEdit (GitHub main) LLM-judge API key (None: normalised exact match).",
+                             repr=False)
+
+    # ------------------------------------------------------------------------------------------------------------
+    _INT_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "num_steps", "batch_size", "max_length", "mom2_n_samples", "mc_samples", "curvature_seq_len",
+        "curvature_batch_size", "exclude_first_tokens", "seed", "chunk_size",
+    })
+    _FLOAT_FIELDS: ClassVar[frozenset[str]] = frozenset({"lr", "weight_decay", "energy_threshold",
+                                                         "early_stop_loss"})
+    _BOOL_FIELDS: ClassVar[frozenset[str]] = frozenset({"model_parallel", "edit_kfac_on_full_sequence", "fp16",
+                                                        "use_chat_template"})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------- validation --
+    def validate(self) -> None:
+        """Coerce and check every field; raises ``ValueError`` naming the field, the value and what is allowed.
+
+        Coercions: numeric strings (``"5e-4"``) in numeric fields become numbers, integral floats in integer fields
+        become ints, ints in float fields become floats, digit strings for ``device`` become ints, ``"CRISPEDIT"``
+        becomes ``"CrispEdit"``, a tuple of layers becomes a list.
+        """
+        self._check_alg_name()
+        self._check_model_name()
+        self._check_device()
+        for name in sorted(self._BOOL_FIELDS):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        self._check_layers()
+        tmp = self.rewrite_module_tmp
+        if not isinstance(tmp, str) or tmp.count("{}") != 1:
+            raise ValueError(f"rewrite_module_tmp must be a string containing '{{}}' exactly once (the layer "
+                             f"index), e.g. 'model.layers.{{}}.mlp.down_proj.weight'; got {tmp!r}")
+        # Integers with lower bounds.
+        for name, minimum in (("num_steps", 1), ("batch_size", 1), ("max_length", 2), ("mom2_n_samples", 1),
+                              ("mc_samples", 1), ("curvature_seq_len", 2), ("curvature_batch_size", 1),
+                              ("exclude_first_tokens", 0), ("seed", None)):
+            setattr(self, name, _as_int(name, getattr(self, name), minimum))
+        if self.chunk_size is not None:
+            self.chunk_size = _as_int("chunk_size", self.chunk_size, 1, allowed="None or an integer >= 1")
+        if self.exclude_first_tokens >= self.curvature_seq_len:
+            raise ValueError(f"exclude_first_tokens must be smaller than curvature_seq_len "
+                             f"({self.curvature_seq_len}) so that some positions remain, got "
+                             f"{self.exclude_first_tokens}")
+        # Floats with ranges.
+        self.lr = _as_float("lr", self.lr, low=0.0, low_inclusive=False)
+        self.weight_decay = _as_float("weight_decay", self.weight_decay, low=0.0)
+        self.early_stop_loss = _as_float("early_stop_loss", self.early_stop_loss, low=0.0)
+        self.energy_threshold = _as_float("energy_threshold", self.energy_threshold, low=0.0, low_inclusive=False,
+                                          high=1.0)
+        # Choices and strings.
+        _check_choice("mom2_dtype", self.mom2_dtype, tuple(MOM2_DTYPES))
+        _check_choice("fisher_type", self.fisher_type, FISHER_TYPES)
+        _check_choice("projection_mode", self.projection_mode, PROJECTION_MODES)
+        _check_choice("evaluation_type", self.evaluation_type, EVALUATION_TYPES)
+        if not isinstance(self.mom2_dataset, str) or not self.mom2_dataset.strip():
+            raise ValueError(f"mom2_dataset must be a non-empty string (the capability corpus spec, e.g. "
+                             f"'wikipedia-offline'), got {self.mom2_dataset!r}")
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
+            raise ValueError(f"cache_dir must be a non-empty path string or None (no disk cache), "
+                             f"got {self.cache_dir!r}")
+        if self.api_key is not None and not isinstance(self.api_key, str):
+            raise ValueError(f"api_key must be a string or None, got a {type(self.api_key).__name__}")
+
+    def _check_alg_name(self) -> None:
+        if self.alg_name in LEGACY_ALG_NAMES:
+            logger.info("alg_name %r (the CrispEdit authors' spelling) normalised to %r", self.alg_name, ALG_NAME)
+            self.alg_name = ALG_NAME
+        if self.alg_name != ALG_NAME:
+            raise ValueError(f"alg_name must be {ALG_NAME!r} (or the legacy {LEGACY_ALG_NAMES[0]!r}), got "
+                             f"{self.alg_name!r}: this file is not a CrispEdit hparams file")
+
+    def _check_model_name(self) -> None:
+        name = self.model_name
+        if isinstance(name, str):
+            if not name.strip():
+                raise ValueError("model_name must be a non-empty model name or path, got ''")
+        elif isinstance(name, (tuple, list)):
+            if len(name) != 2:
+                raise ValueError(f"model_name given as a sequence must be a (model, tokenizer) pair, got "
+                                 f"{len(name)} items")
+        else:
+            raise ValueError(f"model_name must be a model name/path string or a (model, tokenizer) pair, got a "
+                             f"{type(name).__name__}")
+
+    def _check_device(self) -> None:
+        device = self.device
+        if isinstance(device, torch.device):
+            device = self.device = str(device)
+        if isinstance(device, bool):
+            raise ValueError(f"device must be {DEVICE_CHOICES}, got {device!r}")
+        if isinstance(device, str) and device.strip().isdigit():
+            device = self.device = int(device.strip())
+        if isinstance(device, int):
+            if device < 0:
+                raise ValueError(f"device must be {DEVICE_CHOICES}, got {device!r}")
+            return
+        if not isinstance(device, str) or not _DEVICE_RE.match(device):
+            raise ValueError(f"device must be {DEVICE_CHOICES}, got {device!r}")
+
+    def _check_layers(self) -> None:
+        layers = self.layers
+        if isinstance(layers, tuple):
+            layers = list(layers)
+        if not isinstance(layers, list) or not layers:
+            raise ValueError(f"layers must be a non-empty list of non-negative layer indices, e.g. [14, 15, 16]; "
+                             f"got {self.layers!r}")
+        out = []
+        for item in layers:
+            if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+                raise ValueError(f"layers must contain non-negative integers only, got {item!r} in {self.layers!r}")
+            if item in out:
+                raise ValueError(f"layers must not repeat an index, got {item} twice in {self.layers!r}")
+            out.append(item)
+        self.layers = out
+
+    # ------------------------------------------------------------------------------------------------- helpers --
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        """The torch dtype of K-FAC factors and eigenbases (``mom2_dtype``)."""
+        return MOM2_DTYPES[self.mom2_dtype]
+
+    def torch_device(self) -> torch.device:
+        """The ``torch.device`` for ``device``.
+
+        An integer index (EasyEdit's convention, and its default 0) maps to ``cuda:N``; when CUDA is not available it
+        falls back to the CPU with a warning, so EasyEdit-style YAML files run on CPU-only machines. An explicit
+        ``'cuda'``/``'cuda:N'``/``'mps'`` that is not available raises instead.
+
+        Raises:
+            ValueError: the device names an accelerator that is not available.
+        """
+        device = self.device
+        if isinstance(device, int):
+            if not torch.cuda.is_available():
+                logger.warning("device=%d asks for cuda:%d but CUDA is not available; using the CPU", device, device)
+                return torch.device("cpu")
+            if device >= torch.cuda.device_count():
+                raise ValueError(f"device={device} but only {torch.cuda.device_count()} CUDA device(s) exist: "
+                                 f"choose 0..{torch.cuda.device_count() - 1} or 'cpu'")
+            return torch.device(f"cuda:{device}")
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={device!r} but CUDA is not available on this machine; use 'cpu'")
+            index = int(device.split(":")[1]) if ":" in device else 0
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError("device='mps' but MPS is not available on this machine; use 'cpu'")
+        return torch.device(device)
+
+    def edit_parameter_names(self) -> list[str]:
+        """The parameter names of the edited weights, one per layer in ``layers`` order."""
+        return [self.rewrite_module_tmp.format(layer) for layer in self.layers]
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """``{field name: help text}`` for every field, in declaration order (for CLIs and docs)."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+    # ------------------------------------------------------------------------------------------- serialisation --
+    def to_dict(self, redact_secrets: bool = False) -> dict[str, Any]:
+        """All fields as a plain dict (``from_dict(to_dict())`` round-trips).
+
+        Args:
+            redact_secrets: replace a set ``api_key`` by ``"***"`` (for logs and result files).
+        """
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["layers"] = list(self.layers)
+        if redact_secrets and out.get("api_key"):
+            out["api_key"] = "***"
+        return out
+
+    @classmethod
+    def construct_float_from_scientific_notation(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Turn numeric strings (``"5e-4"``) of this class' numeric fields into floats, in place (EasyEdit's API).
+
+        YAML 1.1 (PyYAML) reads ``5e-4`` as a string. Unlike EasyEdit's version, strings of non-numeric fields (e.g.
+        a ``model_name`` of ``"1234"``) are left alone.
+        """
+        for key in cls._INT_FIELDS | cls._FLOAT_FIELDS:
+            value = config.get(key)
+            if isinstance(value, str):
+                try:
+                    config[key] = float(value)
+                except ValueError:
+                    pass  # left for validate() to reject with a message naming the field
+        return config
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> CrispEditHyperParams:
+        """Build from a mapping; legacy keys of the authors' YAML are dropped (logged), unknown keys rejected.
+
+        Raises:
+            ValueError: an unknown key (the message names the closest valid key), a missing required key, or an
+                invalid value.
+        """
+        if not isinstance(config, Mapping):
+            raise ValueError(f"hparams config must be a mapping of field names to values, got a "
+                             f"{type(config).__name__}")
+        config = dict(config)
+        valid = [f.name for f in fields(cls)]
+        for key in [k for k in config if k in LEGACY_KEYS]:
+            value = config.pop(key)
+            if key in _LEGACY_NEUTRAL and not any(value == v and type(value) is type(v)
+                                                  for v in _LEGACY_NEUTRAL[key]):
+                logger.warning("ignoring legacy hparams key %s=%r: %s", key, value, LEGACY_KEYS[key])
+            else:
+                logger.info("ignoring legacy hparams key %s=%r (CrispEdit authors' YAML): %s", key, value,
+                            LEGACY_KEYS[key])
+        unknown = [k for k in config if k not in valid]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            raise ValueError(f"unknown CrispEdit hparams key {key!r}: {hint}")
+        missing = [f.name for f in fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in config]
+        if missing:
+            raise ValueError(f"CrispEdit hparams miss required key(s): {', '.join(missing)}")
+        cls.construct_float_from_scientific_notation(config)
+        return cls(**config)
+
+    @classmethod
+    def from_json(cls, fpath: str | Path) -> CrispEditHyperParams:
+        """Build from a JSON file (EasyEdit's ``HyperParams.from_json``).
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+        """
+        path = Path(fpath).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"CrispEdit hparams JSON file not found: {str(path)!r}")
+        with path.open("r", encoding="utf-8") as stream:
+            return cls.from_dict(json.load(stream))
+
+    @classmethod
+    def from_hparams(cls, hparams_name_or_path: str | Path) -> CrispEditHyperParams:
+        """Build from an EasyEdit-style YAML file; ``.yaml`` is appended when the path has no YAML/JSON suffix.
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            ValueError: the file is empty or not a mapping, or holds invalid values.
+        """
+        path_str = str(hparams_name_or_path)
+        if not path_str.endswith((".yaml", ".yml", ".json")):
+            path_str += ".yaml"
+        path = Path(path_str).expanduser()
+        if path.suffix == ".json":
+            return cls.from_json(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"CrispEdit hparams file not found: {str(path)!r}")
+        with path.open("r", encoding="utf-8") as stream:
+            config = yaml.safe_load(stream)
+        if not isinstance(config, dict):
+            raise ValueError(f"CrispEdit hparams file {str(path)!r} must hold a YAML mapping, got "
+                             f"{type(config).__name__}")
+        return cls.from_dict(config)
+
+
+def _as_int(name: str, value: Any, minimum: int | None, allowed: str | None = None) -> int:
+    """``value`` as an int (integral floats and numeric strings accepted), at least ``minimum``."""
+    allowed = allowed or ("an integer" if minimum is None else f"an integer >= {minimum}")
+    original = value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be {allowed}, got {original!r}") from None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be {allowed}, got {original!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {allowed}, got {original!r}")
+    return value
+
+
+def _as_float(name: str, value: Any, low: float | None = None, low_inclusive: bool = True,
+              high: float | None = None) -> float:
+    """``value`` as a finite float (ints and numeric strings accepted) within the given bounds."""
+    lo = "" if low is None else (f">= {low:g}" if low_inclusive else f"> {low:g}")
+    hi = "" if high is None else f"<= {high:g}"
+    allowed = "a number" + (" " if lo or hi else "") + " and ".join(p for p in (lo, hi) if p)
+    original = value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be {allowed}, got {original!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be {allowed}, got {original!r}")
+    value = float(value)
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        raise ValueError(f"{name} must be {allowed}, got {original!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be {allowed}, got {original!r}")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices or isinstance(value, bool):
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
