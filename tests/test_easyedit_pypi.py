@@ -4,10 +4,8 @@ Covers ``crispedit_easyedit.easyedit.compat`` (import shims, CUDA-device rewrite
 BatchEditor registration), and EasyEdit's own ``BaseEditor.edit`` / ``batch_edit`` / evaluators running CrispEdit
 and EasyEdit's FT baseline on a tiny Llama and a tiny GPT-2.
 
-TODO(lead): the editor tests run a stand-in apply function (``standin_apply`` below: plain Adam steps on the edit
-layers) because ``crispedit_easyedit.easyedit.apply`` is not written yet. Once it is, register the real
-``apply_crispedit_to_model`` in the ``crispedit`` fixture (``register()`` without ``apply_fn``), give the hparams a
-tiny curvature setting (e.g. ``mom2_n_samples=4, curvature_seq_len=16, cache_dir=None``), and keep the assertions.
+The editor tests register ``standin_apply``: the real ``apply_crispedit_to_model`` behind a recorder of how
+EasyEdit calls it, with a tiny local capability corpus (``corpus_file``).
 """
 
 from __future__ import annotations
@@ -56,44 +54,24 @@ STANDIN_CALLS: list[dict[str, Any]] = []
 def standin_apply(model: Any, tok: Any, requests: list[dict], hparams: Any, copy: bool = False,
                   return_orig_weights: bool = False, keep_original_weight: bool = False,
                   **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Stand-in for apply_crispedit_to_model: unprojected Adam steps on the edit layers (TODO(lead): replace).
+    """The real ``apply_crispedit_to_model``, recording how EasyEdit calls it."""
+    from crispedit_easyedit.easyedit.apply import apply_crispedit_to_model
 
-    Follows EasyEdit's apply contract: edits ``model`` in place and returns ``(model, weights_copy)`` with the
-    original tensors of the edited parameters when ``return_orig_weights`` is set (and, for the PyPI generation,
-    ``keep_original_weight``).
-    """
     STANDIN_CALLS.append({"n": len(requests), "return_orig_weights": return_orig_weights,
                           "keep_original_weight": keep_original_weight, "kwargs": sorted(kwargs)})
-    params = dict(model.named_parameters())
-    names = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
-    weights = {name: params[name] for name in names}
-    # The same restore semantics as the real apply: PyPI EasyEdit gets originals only with keep_original_weight
-    # (like its FT, edits accumulate otherwise); GitHub main always gets them and decides itself.
-    wanted = return_orig_weights and (keep_original_weight or _installed_generation() != "pypi")
-    weights_copy = {name: w.detach().clone() for name, w in weights.items()} if wanted else {}
-    batches = []
-    for request in requests:
-        n_prompt = len(tok(request["prompt"])["input_ids"])
-        ids = tok(request["prompt"] + " " + request["target_new"], return_tensors="pt")["input_ids"]
-        labels = ids.clone()
-        labels[:, :n_prompt] = -100
-        batches.append((ids, labels))
-    requires = {name: p.requires_grad for name, p in params.items()}
-    for name, p in params.items():
-        p.requires_grad_(name in weights)
-    opt = torch.optim.Adam(list(weights.values()), lr=hparams.lr)
-    try:
-        for _ in range(hparams.num_steps):
-            opt.zero_grad()
-            loss = sum(model(input_ids=ids, labels=labels).loss for ids, labels in batches) / len(batches)
-            if loss.item() < hparams.early_stop_loss:
-                break
-            loss.backward()
-            opt.step()
-    finally:
-        for name, p in params.items():
-            p.requires_grad_(requires[name])
-    return model, weights_copy
+    return apply_crispedit_to_model(model, tok, requests, hparams, copy=copy,
+                                    return_orig_weights=return_orig_weights,
+                                    keep_original_weight=keep_original_weight, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small local capability corpus (real benchmark sentences) for the curvature statistics."""
+    from tests.tiny_models import training_text
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(training_text()))
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +90,16 @@ def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # EasyEdit writes ./logs/run.log
 
 
-def llama_hparams(model: Any, **overrides: Any) -> CrispEditHyperParams:
+TINY_CURVATURE = dict(mom2_n_samples=8, curvature_seq_len=32, curvature_batch_size=4, energy_threshold=0.5,
+                      cache_dir=None)
+
+
+def llama_hparams(model: Any, corpus: str, **overrides: Any) -> CrispEditHyperParams:
     from crispedit_easyedit.easyedit import ModelPair
 
     values = dict(model_name=ModelPair(model, tiny_tokenizer(), name="tiny-llama"), layers=[1, 2], device=0,
-                  lr=5e-2, num_steps=25, batch_size=8, max_length=40, early_stop_loss=1e-3, cache_dir=None)
+                  lr=2e-2, num_steps=40, batch_size=8, max_length=40, early_stop_loss=1e-3, mom2_dataset=corpus,
+                  **TINY_CURVATURE)
     values.update(overrides)
     return CrispEditHyperParams(**values)
 
@@ -298,11 +281,11 @@ def test_default_registration_uses_an_entry_point_of_the_package(crispedit: Any)
 
 
 # ------------------------------------------------------------------------------------ BaseEditor (PyPI) ------
-def test_edit_runs_crispedit_through_easyedit_and_restores_weights(crispedit: Any) -> None:
+def test_edit_runs_crispedit_through_easyedit_and_restores_weights(crispedit: Any, corpus_file: str) -> None:
     from easyeditor import BaseEditor
 
     model = tiny_llama()
-    hparams = llama_hparams(model)
+    hparams = llama_hparams(model, corpus_file)
     names = hparams.edit_parameter_names()
     before = weights_of(model, names)
     editor = BaseEditor.from_hparams(hparams)
@@ -335,7 +318,7 @@ def test_edit_runs_crispedit_through_easyedit_and_restores_weights(crispedit: An
     assert not torch.equal(before[names[0]], weights_of(model, names)[names[0]])
 
 
-def test_batch_edit_runs_crispedit_on_gpt2(crispedit: Any) -> None:
+def test_batch_edit_runs_crispedit_on_gpt2(crispedit: Any, corpus_file: str) -> None:
     from easyeditor import BaseEditor
 
     from crispedit_easyedit.easyedit import ModelPair
@@ -343,8 +326,8 @@ def test_batch_edit_runs_crispedit_on_gpt2(crispedit: Any) -> None:
     model = tiny_gpt2()
     hparams = CrispEditHyperParams(
         model_name=ModelPair(model, tiny_tokenizer(), name="gpt2-tiny"), layers=[0, 1], device=0,
-        rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", lr=5e-2, num_steps=25, batch_size=3,
-        max_length=40, early_stop_loss=1e-3, cache_dir=None)
+        rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", lr=2e-2, num_steps=60, batch_size=3,
+        max_length=40, early_stop_loss=1e-3, mom2_dataset=corpus_file, **TINY_CURVATURE)
     names = hparams.edit_parameter_names()
     before = weights_of(model, names)
     editor = BaseEditor.from_hparams(hparams)
