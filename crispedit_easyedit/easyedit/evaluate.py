@@ -69,6 +69,14 @@ def _agreement(post: Any, pre: Any) -> float:
     return float(post == pre)
 
 
+def _evaluator_device(model: torch.nn.Module, generation: str) -> Any:
+    """The model's device as EasyEdit's evaluators take it (PyPI formats ``f"cuda:{device}"``)."""
+    dev = next(model.parameters()).device
+    if generation == "pypi" and dev.type == "cuda":
+        return dev.index if dev.index is not None else torch.cuda.current_device()
+    return dev
+
+
 def _model_name(hparams: Any, model: torch.nn.Module, model_name: Any) -> Any:
     """What EasyEdit's evaluators call ``model_name.lower()`` on (only 't5' in it changes the metric)."""
     if model_name is not None:
@@ -88,6 +96,7 @@ def easyedit_metrics(
     model_name: Any = None,
     pre: Mapping[str, Any] | None = None,
     eval_metric: str = "token_em",
+    device: Any = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run EasyEdit's ``compute_edit_quality`` on every request and average the metrics.
@@ -105,6 +114,10 @@ def easyedit_metrics(
         pre: The result of ``easyedit_metrics`` for the unedited model on the same requests; needed for
             ``locality`` (EasyEdit's locality compares outputs before and after the edit).
         eval_metric: EasyEdit's ``eval_metric`` (``"token_em"`` default; ``"ppl"`` gives ``rewrite_ppl``).
+        device: The ``device`` argument EasyEdit's evaluators get; None (default) = where the model's parameters
+            are, in the form the generation expects (GitHub main: the ``torch.device``; PyPI: the CUDA index, which
+            ``prepare_easyeditor`` maps to the CPU on machines without CUDA). ``hparams.device`` is not used, so
+            an integer device in the hparams does not send CPU inputs to CUDA.
         show_progress: Show a tqdm bar over requests.
 
     Returns:
@@ -133,7 +146,8 @@ def easyedit_metrics(
     generation = prepare_easyeditor()
     compute_edit_quality = importlib.import_module("easyeditor.evaluate.evaluate").compute_edit_quality
     name = _model_name(hparams, model, model_name)
-    device = getattr(hparams, "device", 0)
+    if device is None:
+        device = _evaluator_device(model, generation)
 
     was_training = model.training
     model.eval()
