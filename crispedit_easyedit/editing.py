@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -222,6 +222,7 @@ class EditReport:
     predicted_loss_increase: float = 0.0
     seconds_curvature: float = 0.0
     seconds_editing: float = 0.0
+    projectors: dict[str, KroneckerProjector] = field(default_factory=dict, repr=False)
 
     def summary(self) -> str:
         kept = ", ".join(f"{name.split('.')[2] if name.count('.') > 2 else name}:{info['kept_fraction']:.4f}"
@@ -232,7 +233,8 @@ class EditReport:
                 f"nats/token, curvature {self.seconds_curvature:.1f}s, editing {self.seconds_editing:.1f}s")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-able fields (the projectors, which hold tensors, are left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "projectors"}
 
 
 def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], hparams,
@@ -358,6 +360,7 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
                 for t in targets:
                     t.param.requires_grad_(True)
         report.chunks = len(chunks)
+        report.projectors = projectors
         report.final_loss = report.loss_history[-1]
         report.seconds_editing = time.perf_counter() - started
         for t in targets:

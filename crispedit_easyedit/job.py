@@ -1,0 +1,444 @@
+"""The main job as a library: load a model, edit it with CrispEdit on benchmark records, and measure what the edit
+achieved and what it cost the model, before and after, on the same model object.
+
+The CLI (``crispedit_easyedit.cli``) is a thin layer over :func:`run_edit_job` and :func:`run_eval_job`; the
+benchmarks call the same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from . import __version__
+from .curvature import model_fingerprint
+from .editing import apply_crispedit, capability_factors, edit_targets
+from .hparams import CrispEditHyperParams
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct-offline"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_HPARAMS = REPO_ROOT / "hparams" / "CrispEdit" / "SmolLM2-135M-Instruct.yaml"
+SAVE_MODES = ("none", "delta", "full")
+
+
+@dataclass
+class JobConfig:
+    """Everything the main job needs; every field has a CLI option of the same name."""
+
+    model: str = DEFAULT_MODEL
+    hparams: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "zsre"
+    data_path: str | None = None
+    start: int = 0
+    count: int = 10
+    output_dir: str | None = None
+    device: str | None = None
+    dtype: str = "float32"
+    templates: tuple[str, ...] | None = None
+    n_probes: int = 240
+    heldout_sequences: int = 16
+    heldout_seq_len: int = 256
+    eval_batch_size: int = 16
+    easyedit_metrics: bool = True
+    lm_eval_tasks: tuple[str, ...] = ()
+    save: str = "none"
+    model_cache_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.save not in SAVE_MODES:
+            raise ValueError(f"save must be one of {SAVE_MODES}, got {self.save!r}")
+        for name in ("count", "n_probes", "heldout_sequences", "heldout_seq_len", "eval_batch_size"):
+            if getattr(self, name) < 0 or (name != "n_probes" and getattr(self, name) == 0):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.start < 0:
+            raise ValueError(f"start must be >= 0, got {self.start!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Phases, timing and memory
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        logger.info("phase: %s", name)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 2)
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process (GiB), and peak CUDA memory when CUDA is in use."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    out = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30, 3)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and machine facts recorded with every result."""
+    import transformers
+
+    versions = {"crispedit_easyedit": __version__, "torch": torch.__version__,
+                "transformers": transformers.__version__, "python": platform.python_version()}
+    try:
+        from importlib.metadata import version
+
+        versions["easyeditor"] = version("easyeditor")
+    except Exception:  # noqa: BLE001 - not installed
+        versions["easyeditor"] = None
+    return {"versions": versions, "platform": platform.platform(), "cpu_count": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def load_hparams(path: str | None, overrides: Mapping[str, Any], device: str | None = None) -> CrispEditHyperParams:
+    """CrispEditHyperParams from a YAML file (default: the SmolLM2 file), with ``key=value`` overrides applied."""
+    path = Path(path) if path else DEFAULT_HPARAMS
+    if not path.exists() and not path.with_suffix(".yaml").exists():
+        raise FileNotFoundError(f"hparams file {path} does not exist")
+    import yaml
+
+    try:
+        hparams = CrispEditHyperParams.from_hparams(str(path))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"hparams file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    values = hparams.to_dict()
+    values.update(overrides)
+    if device is not None:
+        values["device"] = device
+    return CrispEditHyperParams.from_dict(values)
+
+
+def heldout_batches(tok, size: int, n: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
+    """Held-out Wikipedia windows (never seen by the curvature statistics) in batches of ``size``."""
+    from .corpora import load_corpus, spread_windows
+
+    packed = spread_windows(load_corpus("wikipedia-offline", split="heldout"), tok, seq_len, n)
+    return [{k: v[i : i + size] for k, v in packed.items()} for i in range(0, packed["input_ids"].shape[0], size)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Measuring one model state
+
+
+@dataclass
+class Probes:
+    """What is measured on every model state: the requests, the Factbook probes and held-out text."""
+
+    requests: list[dict[str, Any]]
+    probes: list[Any]
+    heldout: list[dict[str, torch.Tensor]]
+    templates: tuple[str, ...] | None
+
+
+def measure(model, tok, probes: Probes, cfg: JobConfig, hparams, reference=None,
+            before: Mapping[str, Any] | None = None, timer: PhaseTimer | None = None,
+            label: str = "") -> dict[str, Any]:
+    """All metrics of one model state (see the README for definitions).
+
+    Args:
+        reference: next-token log-probs of the unedited model on ``probes.heldout`` (for KL); None before the edit.
+        before: this function's result on the unedited model (for the "unchanged" locality metrics).
+    """
+    from .evaluation import kl_to_reference, locality_unchanged, perplexity, teacher_forced_scores, wild_scores
+    from .probes import probe_accuracy
+
+    timer = timer or PhaseTimer()
+    requests = probes.requests
+    out: dict[str, Any] = {}
+    with timer.phase(f"evaluate {label}: teacher-forced"):
+        scores = teacher_forced_scores(model, tok, requests, pre=before.get("_teacher_forced") if before else None,
+                                       batch_size=cfg.eval_batch_size)
+        out["_teacher_forced"] = scores
+        out["teacher_forced"] = {"reliability": scores["rewrite_acc"], "generalization": scores["rephrase_acc"],
+                                 "locality_answer_accuracy": scores["locality_truth_acc"]}
+        if scores["locality_acc"] is not None:
+            out["teacher_forced"]["locality_unchanged_tokens"] = scores["locality_acc"]
+    with timer.phase(f"evaluate {label}: WILD generation"):
+        out["wild"] = wild_scores(model, tok, requests, templates=probes.templates, batch_size=cfg.eval_batch_size,
+                                  show_progress=cfg.progress)
+        if before is not None:
+            for template, scores in out["wild"]["per_template"].items():
+                old = before["wild"]["per_template"][template]["answers"]["locality"]
+                scores["locality_unchanged"] = locality_unchanged(old, scores["answers"]["locality"]) if old else None
+    with timer.phase(f"evaluate {label}: capability"):
+        capability = {"heldout_perplexity": perplexity(model, probes.heldout, show_progress=cfg.progress)}
+        if reference is not None:
+            capability["heldout_kl"] = kl_to_reference(model, probes.heldout, reference, show_progress=cfg.progress)
+        if probes.probes:
+            from .evaluation import has_chat_template
+
+            template = "chat" if has_chat_template(tok) else "qa"
+            accuracy, answers = probe_accuracy(model, tok, probes.probes, template=template,
+                                               batch_size=cfg.eval_batch_size, show_progress=cfg.progress)
+            capability["factbook_accuracy"] = accuracy
+            out["_factbook_answers"] = answers
+        out["capability"] = capability
+    if cfg.easyedit_metrics:
+        with timer.phase(f"evaluate {label}: EasyEdit metrics"):
+            out["easyedit"] = _easyedit_metrics(model, tok, requests, hparams, before)
+    if cfg.lm_eval_tasks:
+        from .evaluation import lm_eval_scores
+
+        with timer.phase(f"evaluate {label}: lm-evaluation-harness"):
+            out["lm_eval"] = lm_eval_scores(model, tok, list(cfg.lm_eval_tasks))
+    return out
+
+
+def _easyedit_metrics(model, tok, requests, hparams, before) -> dict[str, Any] | None:
+    """EasyEdit's own compute_edit_quality, if EasyEdit is importable (None otherwise, with a log line)."""
+    try:
+        from .easyedit.evaluate import easyedit_metrics
+    except ImportError as exc:
+        logger.info("EasyEdit metrics skipped: %s", exc)
+        return None
+    pre = before.get("easyedit") if before else None
+    try:
+        result = easyedit_metrics(model, tok, requests, hparams, model_name=hparams.model_name,
+                                  pre=pre.get("_raw") if pre else None, show_progress=False)
+    except ModuleNotFoundError as exc:
+        logger.info("EasyEdit metrics skipped: %s", exc)
+        return None
+    summary = {k: result.get(k) for k in ("rewrite_acc", "rephrase_acc", "locality", "generation")}
+    summary["_raw"] = result
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def comparison_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows (group, metric, before, after, change) for every metric, in report order."""
+    rows: list[dict[str, Any]] = []
+
+    def add(group: str, metric: str, b: float | None, a: float | None, relative: bool = False) -> None:
+        change = None
+        if a is not None and b is not None:
+            change = (a - b) / b if relative and b else a - b
+        rows.append({"group": group, "metric": metric, "before": b, "after": a, "change": change,
+                     "relative": relative})
+
+    tb, ta = before["teacher_forced"], after["teacher_forced"]
+    add("edit (teacher-forced)", "reliability (rewrite token acc.)", tb["reliability"], ta["reliability"])
+    add("edit (teacher-forced)", "generalisation (rephrase token acc.)", tb["generalization"], ta["generalization"])
+    for template, sa in after["wild"]["per_template"].items():
+        sb = before["wild"]["per_template"][template]
+        for key, name in (("reliability", "reliability"), ("generalization", "generalisation")):
+            add(f"edit (WILD, {template})", f"{name} exact match", sb[f"{key}_em"], sa[f"{key}_em"])
+            add(f"edit (WILD, {template})", f"{name} contains", sb[f"{key}_contains"], sa[f"{key}_contains"])
+    cb, ca = before["capability"], after["capability"]
+    add("capability", "held-out Wikipedia perplexity (relative change)", cb["heldout_perplexity"],
+        ca["heldout_perplexity"], relative=True)
+    add("capability", "held-out next-token KL(before || after)", 0.0, ca.get("heldout_kl"))
+    if "factbook_accuracy" in ca:
+        add("capability", "Factbook probe accuracy", cb["factbook_accuracy"], ca["factbook_accuracy"])
+    add("locality", "teacher-forced locality answer accuracy", tb["locality_answer_accuracy"],
+        ta["locality_answer_accuracy"])
+    if "locality_unchanged_tokens" in ta:
+        add("locality", "teacher-forced locality tokens unchanged", 1.0, ta["locality_unchanged_tokens"])
+    for template, sa in after["wild"]["per_template"].items():
+        if sa.get("locality_unchanged") is not None:
+            add("locality", f"greedy locality answers unchanged ({template})", 1.0, sa["locality_unchanged"])
+    eb, ea = before.get("easyedit"), after.get("easyedit")
+    if eb and ea:
+        add("EasyEdit evaluator", "rewrite_acc", eb["rewrite_acc"], ea["rewrite_acc"])
+        add("EasyEdit evaluator", "rephrase_acc", eb["rephrase_acc"], ea["rephrase_acc"])
+        for key, value in (ea.get("locality") or {}).items():
+            add("EasyEdit evaluator", f"locality {key}", 1.0, value)
+    return rows
+
+
+def format_report(result: Mapping[str, Any]) -> str:
+    """The report as a markdown table plus timing, memory and the edit receipt."""
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = [f"# CrispEdit report: {result['config']['job']['model']} on {result['requests']['dataset']} "
+             f"records {result['requests']['start']}..{result['requests']['start'] + result['requests']['count'] - 1}"
+             f" ({result['requests']['n_edits']} edits, {result['requests']['n_skipped']} skipped)", "",
+             "| group | metric | before | after | change |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        change = row["change"]
+        change_text = "-" if change is None else (f"{100 * change:+.2f}%" if row["relative"] else f"{change:+.4f}")
+        lines.append(f"| {row['group']} | {row['metric']} | {fmt(row['before'])} | {fmt(row['after'])} | "
+                     f"{change_text} |")
+    lines += ["", f"Edit: {result['edit']['summary']}", "",
+              "| phase | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in result["seconds"].items()]
+    lines += ["", "Memory: " + ", ".join(f"{k} {v}" for k, v in result["memory"].items())]
+    return "\n".join(lines)
+
+
+def _public(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop bulky private entries (leading underscore) before writing JSON."""
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith("_"):
+            continue
+        out[key] = _public(value) if isinstance(value, Mapping) else value
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Jobs
+
+
+def prepare(cfg: JobConfig, timer: PhaseTimer):
+    """Load hparams, model, tokenizer, requests, probes and held-out text (shared by the edit and eval jobs)."""
+    from .data import default_data_path, load_requests
+    from .models import load_model_and_tokenizer
+    from .probes import factbook_probes
+
+    hparams = load_hparams(cfg.hparams, cfg.overrides, cfg.device)
+    device = str(hparams.torch_device())
+    with timer.phase("load model"):
+        model, tok = load_model_and_tokenizer(cfg.model, device=device, dtype=cfg.dtype,
+                                              cache_dir=cfg.model_cache_dir)
+    edit_targets(model, hparams)  # fail early, with the closest names, if the layers do not exist
+    with timer.phase("load records"):
+        path = cfg.data_path or default_data_path(cfg.dataset)
+        request_set = load_requests(cfg.dataset, path, cfg.start, cfg.count)
+        probes = Probes(requests=list(request_set.requests),
+                        probes=factbook_probes(cfg.n_probes) if cfg.n_probes else [],
+                        heldout=heldout_batches(tok, cfg.eval_batch_size, cfg.heldout_sequences, cfg.heldout_seq_len),
+                        templates=cfg.templates)
+    if not probes.requests:
+        raise ValueError(f"no usable records in {path} range {cfg.start}..{cfg.start + cfg.count - 1}: "
+                         f"skipped {dict(request_set.skipped)}")
+    return hparams, model, tok, request_set, path, probes
+
+
+def _result_header(cfg: JobConfig, hparams, request_set, path) -> dict[str, Any]:
+    return {
+        "config": {"job": dataclasses.asdict(cfg), "hparams": hparams.to_dict(redact_secrets=True)},
+        "environment": environment(),
+        "requests": {"dataset": cfg.dataset, "path": str(path), "start": cfg.start, "count": cfg.count,
+                     "n_edits": len(request_set.requests), "n_skipped": request_set.n_skipped,
+                     "skipped": dict(request_set.skipped)},
+    }
+
+
+def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
+    """Measure, edit with CrispEdit, measure again; write the report, JSON, spectrum plot and (optionally) the model.
+
+    Returns:
+        The result dictionary that is also written to ``{output_dir}/result.json``.
+    """
+    from .evaluation import next_token_logprobs
+    from .plots import plot_energy_spectra
+
+    timer = PhaseTimer()
+    hparams, model, tok, request_set, path, probes = prepare(cfg, timer)
+    out_dir = Path(cfg.output_dir or f"outputs/crispedit-{cfg.dataset}-{cfg.start}-{cfg.count}-"
+                                     f"{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = edit_targets(model, hparams)
+    base_fp = model_fingerprint(model, [t.name for t in targets])
+    with timer.phase("curvature (cache or collect)"):
+        factors = capability_factors(model, tok, hparams, targets, progress=cfg.progress)
+    with timer.phase("evaluate before: reference log-probs"):
+        reference = next_token_logprobs(model, probes.heldout, show_progress=cfg.progress)
+    before = measure(model, tok, probes, cfg, hparams, timer=timer, label="before")
+    with timer.phase("edit"):
+        report = apply_crispedit(model, tok, probes.requests, hparams, factors=factors, progress=cfg.progress)
+    after = measure(model, tok, probes, cfg, hparams, reference=reference, before=before, timer=timer, label="after")
+    with timer.phase("plot"):
+        plot_energy_spectra(report.projectors, out_dir / "energy_spectrum.png",
+                            title=f"{cfg.model}: K-FAC curvature energy per edited layer (gamma "
+                                  f"{hparams.energy_threshold})")
+    saved = _save_model(cfg, model, tok, targets, base_fp, hparams, out_dir, timer)
+    result = _result_header(cfg, hparams, request_set, path)
+    result.update({
+        "curvature": {k: v for k, v in factors.metadata.items() if k not in ("layers",)},
+        "edit": dict(report.to_dict(), summary=report.summary()),
+        "before": _public(before), "after": _public(after),
+        "rows": comparison_rows(before, after),
+        "seconds": timer.seconds, "memory": peak_memory(), "saved": saved,
+        "artefacts": {"report": str(out_dir / "report.md"), "json": str(out_dir / "result.json"),
+                      "plot": str(out_dir / "energy_spectrum.png")},
+    })
+    _write(result, out_dir)
+    return result
+
+
+def run_eval_job(cfg: JobConfig, changed_tensors: str | None = None) -> dict[str, Any]:
+    """Evaluate an edited model against its base: ``cfg.model`` is the base; ``changed_tensors`` (a file written by
+    ``--save delta``) is applied onto a copy. Without it, ``cfg.model`` is compared with itself (a baseline run)."""
+    import copy
+
+    from .delta import apply_changed_tensors
+    from .evaluation import next_token_logprobs
+
+    timer = PhaseTimer()
+    hparams, model, tok, request_set, path, probes = prepare(cfg, timer)
+    out_dir = Path(cfg.output_dir or f"outputs/eval-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with timer.phase("evaluate before: reference log-probs"):
+        reference = next_token_logprobs(model, probes.heldout, show_progress=cfg.progress)
+    before = measure(model, tok, probes, cfg, hparams, timer=timer, label="base")
+    edited = copy.deepcopy(model)
+    meta = {}
+    if changed_tensors:
+        meta = apply_changed_tensors(edited, changed_tensors)
+    after = measure(edited, tok, probes, cfg, hparams, reference=reference, before=before, timer=timer,
+                    label="edited")
+    result = _result_header(cfg, hparams, request_set, path)
+    result.update({"edit": {"summary": f"changed tensors from {changed_tensors}" if changed_tensors else
+                            "no changed tensors given: the base model compared with itself",
+                            "changed_tensors_metadata": meta},
+                   "before": _public(before), "after": _public(after), "rows": comparison_rows(before, after),
+                   "seconds": timer.seconds, "memory": peak_memory(),
+                   "artefacts": {"report": str(out_dir / "report.md"), "json": str(out_dir / "result.json")}})
+    _write(result, out_dir)
+    return result
+
+
+def _save_model(cfg: JobConfig, model, tok, targets, base_fp, hparams, out_dir: Path, timer: PhaseTimer):
+    if cfg.save == "none":
+        return None
+    with timer.phase("save model"):
+        if cfg.save == "delta":
+            from .delta import save_changed_tensors
+
+            path = save_changed_tensors(model, [t.name for t in targets], out_dir / "changed_tensors.safetensors",
+                                        base_fingerprint=base_fp, config=hparams.to_dict(redact_secrets=True))
+        else:
+            path = out_dir / "model"
+            model.save_pretrained(path, safe_serialization=True)
+            tok.save_pretrained(path)
+    return {"mode": cfg.save, "path": str(path)}
+
+
+def _write(result: Mapping[str, Any], out_dir: Path) -> None:
+    (out_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    (out_dir / "report.md").write_text(format_report(result) + "\n")
+    logger.info("wrote %s and %s", out_dir / "report.md", out_dir / "result.json")
