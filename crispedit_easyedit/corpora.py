@@ -288,6 +288,13 @@ def _bos_prefix(tokenizer: Any) -> list[int]:
     return []
 
 
+def _check_window_sizes(seq_len: Any, n_sequences: Any) -> None:
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}.")
+    if not isinstance(n_sequences, int) or n_sequences < 1:
+        raise ValueError(f"n_sequences must be a positive integer, got {n_sequences!r}.")
+
+
 def pack_sequences(
     texts: Sequence[str],
     tokenizer: Any,
@@ -316,10 +323,7 @@ def pack_sequences(
     Raises:
         ValueError: for non-positive sizes or if the corpus yields no complete window.
     """
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}.")
-    if not isinstance(n_sequences, int) or n_sequences < 1:
-        raise ValueError(f"n_sequences must be a positive integer, got {n_sequences!r}.")
+    _check_window_sizes(seq_len, n_sequences)
     order = list(range(len(texts)))
     if seed != 0:
         random.Random(seed).shuffle(order)
@@ -350,30 +354,16 @@ def pack_sequences(
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
-def corpus_sequences(
-    spec: str,
-    tokenizer: Any,
-    seq_len: int,
-    n_sequences: int,
-    split: str = "stats",
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """:func:`pack_sequences` on :func:`load_corpus` ``(spec, split)``."""
-    return pack_sequences(load_corpus(spec, split), tokenizer, seq_len, n_sequences, seed=seed)
+def corpus_sequences(spec: str, tokenizer: Any, seq_len: int, n_sequences: int,
+                     split: str = "stats") -> dict[str, torch.Tensor]:
+    """:func:`spread_windows` on :func:`load_corpus` ``(spec, split)``: what the curvature statistics and the
+    held-out capability metrics are computed on."""
+    return spread_windows(load_corpus(spec, split), tokenizer, seq_len, n_sequences)
 
 
-def heldout_sequences(
-    spec: str,
-    tokenizer: Any,
-    seq_len: int,
-    n_sequences: int,
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Windows of the ``"heldout"`` split of ``spec`` (never seen by the curvature statistics), for perplexity/KL.
-
-    See :func:`pack_sequences` for the packing and the return value.
-    """
-    return corpus_sequences(spec, tokenizer, seq_len, n_sequences, split="heldout", seed=seed)
+def heldout_sequences(spec: str, tokenizer: Any, seq_len: int, n_sequences: int) -> dict[str, torch.Tensor]:
+    """Windows of the ``"heldout"`` split of ``spec`` (never seen by the curvature statistics), for perplexity/KL."""
+    return corpus_sequences(spec, tokenizer, seq_len, n_sequences, split="heldout")
 
 
 def spread_windows(texts: Sequence[str], tokenizer: Any, seq_len: int, n_sequences: int) -> dict[str, torch.Tensor]:
@@ -391,10 +381,7 @@ def spread_windows(texts: Sequence[str], tokenizer: Any, seq_len: int, n_sequenc
     Raises:
         ValueError: for non-positive sizes or if no document has a full window.
     """
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}.")
-    if not isinstance(n_sequences, int) or n_sequences < 1:
-        raise ValueError(f"n_sequences must be a positive integer, got {n_sequences!r}.")
+    _check_window_sizes(seq_len, n_sequences)
     bos = _bos_prefix(tokenizer)
     per_document: list[list[list[int]]] = []
     for text in tqdm(texts, desc="Tokenising corpus", unit="doc", leave=False):

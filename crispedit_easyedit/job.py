@@ -138,9 +138,9 @@ def load_hparams(path: str | None, overrides: Mapping[str, Any], device: str | N
 
 def heldout_batches(tok, size: int, n: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
     """Held-out Wikipedia windows (never seen by the curvature statistics) in batches of ``size``."""
-    from .corpora import load_corpus, spread_windows
+    from .corpora import heldout_sequences
 
-    packed = spread_windows(load_corpus("wikipedia-offline", split="heldout"), tok, seq_len, n)
+    packed = heldout_sequences("wikipedia-offline", tok, seq_len, n)
     return [{k: v[i : i + size] for k, v in packed.items()} for i in range(0, packed["input_ids"].shape[0], size)]
 
 
