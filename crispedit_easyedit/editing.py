@@ -227,8 +227,10 @@ class EditReport:
     def summary(self) -> str:
         kept = ", ".join(f"{name.split('.')[2] if name.count('.') > 2 else name}:{info['kept_fraction']:.4f}"
                          for name, info in self.layers.items())
+        mode = ("mode none (plain fine-tuning; the projector below is not applied)" if self.projection_mode == "none"
+                else f"mode {self.projection_mode}")
         return (f"CrispEdit: {self.num_edits} edits, {self.chunks} chunk(s), {self.epochs} epochs / {self.steps} "
-                f"steps, final loss {self.final_loss:.4f}, mode {self.projection_mode}, gamma {self.gamma}, kept "
+                f"steps, final loss {self.final_loss:.4f}, {mode}, gamma {self.gamma}, kept "
                 f"fraction per layer [{kept}], predicted capability-loss increase {self.predicted_loss_increase:.3g} "
                 f"nats/token, curvature {self.seconds_curvature:.1f}s, editing {self.seconds_editing:.1f}s")
 
