@@ -104,11 +104,11 @@ def environment() -> dict[str, Any]:
 
     versions = {"crispedit_easyedit": __version__, "torch": torch.__version__,
                 "transformers": transformers.__version__, "python": platform.python_version()}
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         versions["easyeditor"] = version("easyeditor")
-    except Exception:  # noqa: BLE001 - not installed
+    except PackageNotFoundError:
         versions["easyeditor"] = None
     return {"versions": versions, "platform": platform.platform(), "cpu_count": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
