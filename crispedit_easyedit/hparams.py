@@ -401,15 +401,21 @@ class CrispEditHyperParams:
         return cls.from_dict(config)
 
 
+def _from_numeric_string(name: str, value: Any, allowed: str) -> Any:
+    """A string such as "5e-4" (YAML reads it as text) as a float; any other value unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}") from None
+
+
 def _as_int(name: str, value: Any, minimum: int | None, allowed: str | None = None) -> int:
     """``value`` as an int (integral floats and numeric strings accepted), at least ``minimum``."""
     allowed = allowed or ("an integer" if minimum is None else f"an integer >= {minimum}")
     original = value
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"{name} must be {allowed}, got {original!r}") from None
+    value = _from_numeric_string(name, value, allowed)
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -426,11 +432,7 @@ def _as_float(name: str, value: Any, low: float | None = None, low_inclusive: bo
     hi = "" if high is None else f"<= {high:g}"
     allowed = "a number" + (" " if lo or hi else "") + " and ".join(p for p in (lo, hi) if p)
     original = value
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"{name} must be {allowed}, got {original!r}") from None
+    value = _from_numeric_string(name, value, allowed)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be {allowed}, got {original!r}")
     value = float(value)
