@@ -165,9 +165,7 @@ class FactorSet:
                 S=w1 * mine.S + w2 * theirs.S.to(mine.S.device, mine.S.dtype),
                 num_tokens=total,
             )
-        metadata = {"merged_from": [self.metadata, other.metadata],
-                    "num_tokens": sum(f.num_tokens for f in merged.values()) // max(len(merged), 1)}
-        return FactorSet(merged, metadata)
+        return FactorSet(merged, {"merged_from": [self.metadata, other.metadata]})
 
     def to(self, device: torch.device | str) -> "FactorSet":
         """Move every factor to ``device`` (returns a new set)."""

@@ -62,6 +62,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from .curvature import model_inputs
+from .editing import IGNORE_INDEX, collate, pad_token_id, tokenize_edit
+
 logger = logging.getLogger(__name__)
 
 TEMPLATES: tuple[str, ...] = ("qa", "none", "chat")
@@ -158,14 +161,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def _pad_id(tok: Any) -> int:
-    if tok.pad_token_id is not None:
-        return int(tok.pad_token_id)
-    if tok.eos_token_id is not None:
-        return int(tok.eos_token_id)
-    raise ValueError("the tokenizer has neither a pad_token_id nor an eos_token_id; set tok.pad_token")
 
 
 def _eos_ids(model: torch.nn.Module, tok: Any) -> list[int]:
@@ -317,7 +312,7 @@ def generate_from_ids(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = _model_device(model)
-    pad_id = _pad_id(tok)
+    pad_id = pad_token_id(tok)
     eos_ids = _eos_ids(model, tok)
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -553,8 +548,6 @@ def prompt_target_ids(tok: Any, prompt: str, target: str) -> tuple[list[int], li
     Returns:
         ``(prompt_ids, target_ids)``; the model input is ``prompt_ids + target_ids``.
     """
-    from .editing import IGNORE_INDEX, tokenize_edit  # the training tokenisation, one source of truth
-
     if not target or not target.strip():
         raise ValueError(f"target must be a non-empty string, got {target!r} for prompt {prompt!r}")
     ids, labels = tokenize_edit(tok, prompt, target, max_length=sys.maxsize)
@@ -588,19 +581,15 @@ def teacher_forced_predictions(
     if len(prompts) != len(targets):
         raise ValueError(f"got {len(prompts)} prompts and {len(targets)} targets; they must pair up")
     device = _model_device(model)
-    pad_id = _pad_id(tok)
+    pad_id = pad_token_id(tok)
     pairs = [prompt_target_ids(tok, p, t) for p, t in zip(prompts, targets)]
     out: list[tuple[list[int], list[int]]] = []
     with _eval_mode(model):
         for rows in _chunks(len(pairs), batch_size):
             seqs = [pairs[i][0] + pairs[i][1] for i in rows]
-            width = max(len(s) for s in seqs)
-            input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for r, s in enumerate(seqs):
-                input_ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-                attention_mask[r, : len(s)] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            batch = collate([(s, s) for s in seqs], pad_id)  # right-padded; labels unused here
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
             pred = logits.argmax(-1).cpu()
             for r, i in enumerate(rows):
                 p, t = pairs[i]
@@ -730,9 +719,8 @@ def _logits(
     """fp32 logits (n, T, V) and mask (n, T) of a batch; positions follow the mask (left or right padding)."""
     if isinstance(model, torch.nn.Module):
         input_ids, mask = _batch_tensors(batch, _model_device(model))
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         with _eval_mode(model):
-            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
+            logits = model(**model_inputs(model, input_ids, mask)).logits
     else:
         logits = model(batch)
         _, mask = _batch_tensors(batch, logits.device)

@@ -22,7 +22,6 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from . import __version__
-from .curvature import model_fingerprint
 from .editing import apply_crispedit, capability_factors, edit_targets
 from .hparams import CrispEditHyperParams
 
@@ -362,9 +361,9 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
                                      f"{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = edit_targets(model, hparams)
-    base_fp = model_fingerprint(model, [t.name for t in targets])
     with timer.phase("curvature (cache or collect)"):
         factors = capability_factors(model, tok, hparams, targets, progress=cfg.progress)
+    base_fp = factors.metadata["model"]  # the unedited model's fingerprint, computed for the cache key
     with timer.phase("evaluate before: reference log-probs"):
         reference = next_token_logprobs(model, probes.heldout, show_progress=cfg.progress)
     before = measure(model, tok, probes, cfg, hparams, timer=timer, label="before")

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from crispedit_easyedit.data import (
-    DATASETS,
     RequestSet,
+    _check_dataset,
     build_request_set,
     check_range,
     default_data_path,
@@ -149,8 +149,7 @@ def load_requests_with_easyedit(
         ValueError: for an unknown dataset or an out-of-range ``start``/``count``.
         ImportError: if EasyEdit cannot be imported.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"Unknown dataset {dataset!r}; valid choices: {list(DATASETS)}.")
+    _check_dataset(dataset)
     file = Path(path) if path is not None else default_data_path(dataset)
     raw = read_records(file)
     stop = check_range(len(raw), start, count, source=str(file))
