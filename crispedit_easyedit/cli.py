@@ -119,14 +119,14 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 
 def run_cache(cfg: JobConfig) -> None:
-    from .editing import capability_factors, edit_targets
+    from .state import capability_curvature
     from .job import load_hparams
     from .models import load_model_and_tokenizer
 
     hparams = load_hparams(cfg.hparams, cfg.overrides, cfg.device)
     model, tok = load_model_and_tokenizer(cfg.model, device=str(hparams.torch_device()), dtype=cfg.dtype,
                                           cache_dir=cfg.model_cache_dir)
-    factors = capability_factors(model, tok, hparams, edit_targets(model, hparams), progress=cfg.progress)
+    factors = capability_curvature(model, tok, hparams, progress=cfg.progress).factors
     print(f"curvature ready: {len(factors.factors)} layers, {factors.metadata.get('num_tokens')} tokens, "
           f"cache_dir {hparams.cache_dir}")
 

@@ -8,8 +8,9 @@ A corpus is named by a *spec* string:
   than :data:`MIN_ARTICLE_CHARS` characters are dropped.
 - a local ``.txt`` file (documents separated by blank lines), a ``.jsonl`` file (one JSON object per line with a
   ``"text"`` field), or a folder containing such files (read recursively in sorted path order);
-- ``"hf:<dataset>[:<config>]"``: a Hugging Face dataset read with ``datasets.load_dataset(..., streaming=True)``
-  (field ``"text"``; needs internet).
+- ``"hf:<dataset>[:<config>][@<revision>]"``: a Hugging Face dataset read with
+  ``datasets.load_dataset(..., streaming=True)`` (field ``"text"``; needs internet). The curvature windows stream as
+  many documents as the requested number of sequences needs (:func:`corpus_sequences`).
 
 Every source is split deterministically by a stable hash of each document's key (the article title where there is
 one, else the text) into ``"stats"`` (about :data:`STATS_FRACTION` of the documents) and ``"heldout"`` (the rest);
@@ -28,7 +29,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ WIKI_TEST_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shorten
 SPLITS: tuple[str, ...] = ("stats", "heldout", "all")
 STATS_FRACTION = 0.8
 MIN_ARTICLE_CHARS = 500
-#: Default number of documents read from a streamed ``hf:`` dataset (per requested split).
+#: Default number of documents :func:`load_corpus` reads from a streamed ``hf:`` dataset (the curvature windows of
+#: :func:`corpus_sequences` stream as many documents as they need instead).
 HF_DEFAULT_MAX_DOCUMENTS = 2000
 LOCAL_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl")
 
@@ -187,8 +189,9 @@ def _read_local(path: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _load_hf(spec: str, split: str, max_documents: int) -> list[str]:
-    body = spec[len("hf:"):]
+def _stream_hf(spec: str, split: str) -> Iterator[str]:
+    """Texts of a Hugging Face dataset that fall into ``split``, streamed (``hf:<dataset>[:<config>][@<revision>]``)."""
+    body, _, revision = spec[len("hf:"):].partition("@")
     name, _, config = body.partition(":")
     if not name:
         raise ValueError(f"Corpus spec {spec!r} names no dataset; valid forms: {_VALID_FORMS}.")
@@ -196,19 +199,23 @@ def _load_hf(spec: str, split: str, max_documents: int) -> list[str]:
         from datasets import load_dataset
     except ImportError as err:
         raise ImportError(f"Corpus spec {spec!r} needs the 'datasets' package (`pip install datasets`).") from err
-    stream = load_dataset(name, config or None, split="train", streaming=True)
+    kwargs = {"revision": revision} if revision else {}
+    for record in load_dataset(name, config or None, split="train", streaming=True, **kwargs):
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise ValueError(f"Dataset {spec!r} has no string field 'text' (fields: {sorted(record)}).")
+        text = text.strip()
+        if not text:
+            continue
+        key = str(record.get("title") or record.get("id") or text)
+        if split == "all" or split_of(key) == split:
+            yield text
+
+
+def _load_hf(spec: str, split: str, max_documents: int) -> list[str]:
     docs: list[str] = []
     with tqdm(total=max_documents, desc=f"Reading {spec} ({split})", unit="doc") as bar:
-        for record in stream:
-            text = record.get("text")
-            if not isinstance(text, str):
-                raise ValueError(f"Dataset {spec!r} has no string field 'text' (fields: {sorted(record)}).")
-            text = text.strip()
-            if not text:
-                continue
-            key = str(record.get("title") or record.get("id") or text)
-            if split != "all" and split_of(key) != split:
-                continue
+        for text in _stream_hf(spec, split):
             docs.append(text)
             bar.update(1)
             if len(docs) >= max_documents:
@@ -274,6 +281,50 @@ def corpus_fingerprint(spec: str, split: str, texts: Sequence[str]) -> str:
         digest.update(len(data).to_bytes(8, "big"))
         digest.update(data)
     return digest.hexdigest()
+
+
+def _sha256_file(path: Path, digest: Any | None = None) -> Any:
+    digest = digest or hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+@functools.lru_cache(maxsize=1)
+def _offline_wikipedia_sha256() -> str:
+    return _sha256_file(wikipedia_test_file()).hexdigest()
+
+
+def corpus_key(spec: str, split: str = "stats") -> str:
+    """A portable identity of ``(spec, split)`` for cache keys, computed without reading the documents' text.
+
+    * ``"wikipedia-offline"``: the sha256 of gensim's dump file plus the article filter settings;
+    * a local file or folder: the sha256 of the files' *contents* (folders: with paths relative to the folder), so
+      the same corpus in another place gives the same key;
+    * ``"hf:<dataset>[:<config>]"``: the spec itself; pin a revision with ``hf:<dataset>:<config>@<revision>``
+      (a dataset that changes on the hub under an unpinned spec keeps its old cache).
+
+    No machine path is part of the key.
+    """
+    _check_split(split)
+    selection = f"split={split}|fraction={STATS_FRACTION}"
+    if spec == OFFLINE_WIKIPEDIA:
+        return f"{spec}|sha256={_offline_wikipedia_sha256()}|min_chars={MIN_ARTICLE_CHARS}|{selection}"
+    if spec.startswith("hf:"):
+        return f"{spec}|{selection}"
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ValueError(f"Unknown corpus spec {spec!r} (not an existing path); valid forms: {_VALID_FORMS}.")
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES):
+            digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
+            _sha256_file(file, digest)
+    else:
+        digest.update(path.suffix.lower().encode("utf-8") + b"\0")
+        _sha256_file(path, digest)
+    return f"local|sha256={digest.hexdigest()}|{selection}"
 
 
 def _bos_prefix(tokenizer: Any) -> list[int]:
@@ -356,9 +407,54 @@ def pack_sequences(
 
 def corpus_sequences(spec: str, tokenizer: Any, seq_len: int, n_sequences: int,
                      split: str = "stats") -> dict[str, torch.Tensor]:
-    """:func:`spread_windows` on :func:`load_corpus` ``(spec, split)``: what the curvature statistics and the
-    held-out capability metrics are computed on."""
+    """``n_sequences`` windows of ``seq_len`` tokens of a corpus: what the curvature statistics and the held-out
+    capability metrics are computed on.
+
+    Finite corpora (offline Wikipedia, local files) go through :func:`spread_windows` (round-robin across documents).
+    ``hf:`` corpora are streamed: the first window of every document that has one, in stream order, reading as
+    many documents as ``n_sequences`` needs (the paper's n = 10,000 sequences of 512 tokens).
+    """
+    if isinstance(spec, str) and spec.startswith("hf:"):
+        return stream_windows(_stream_hf(spec, split), tokenizer, seq_len, n_sequences, source=spec)
     return spread_windows(load_corpus(spec, split), tokenizer, seq_len, n_sequences)
+
+
+def stream_windows(texts: Iterable[str], tokenizer: Any, seq_len: int, n_sequences: int,
+                   source: str = "the stream") -> dict[str, torch.Tensor]:
+    """The first full window of ``seq_len`` tokens of each document of a (possibly endless) stream, until
+    ``n_sequences`` windows exist; documents shorter than one window are skipped and counted.
+
+    Returns:
+        ``{"input_ids": LongTensor (n, seq_len), "attention_mask": ones}``; fewer windows (with a WARNING) if the
+        stream ends first.
+
+    Raises:
+        ValueError: for non-positive sizes or if no document has a full window.
+    """
+    _check_window_sizes(seq_len, n_sequences)
+    bos = _bos_prefix(tokenizer)
+    windows: list[list[int]] = []
+    documents = short = 0
+    with tqdm(total=n_sequences, desc=f"Tokenising {source}", unit="seq") as bar:
+        for text in texts:
+            documents += 1
+            ids = bos + tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            if len(ids) < seq_len:
+                short += 1
+                continue
+            windows.append(ids[:seq_len])
+            bar.update(1)
+            if len(windows) >= n_sequences:
+                break
+    logger.info("%s: %d windows of %d tokens from %d documents (%d shorter than one window skipped).", source,
+                len(windows), seq_len, documents, short)
+    if not windows:
+        raise ValueError(f"no document of {source} has {seq_len} tokens; use a smaller seq_len.")
+    if len(windows) < n_sequences:
+        logger.warning("%s yields only %d windows of %d tokens (%d requested).", source, len(windows), seq_len,
+                       n_sequences)
+    input_ids = torch.tensor(windows, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
 def heldout_sequences(spec: str, tokenizer: Any, seq_len: int, n_sequences: int) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 FISHER_TYPES = ("mc", "empirical")
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: keys hold no machine path (tokenizer content hash, corpus key, weights hash)
 _META_KEY = "crispedit_easyedit"
 
 
@@ -141,11 +141,15 @@ class FactorSet:
     def __getitem__(self, name: str) -> KFACFactors:
         return self.factors[name]
 
-    def merge(self, other: "FactorSet") -> "FactorSet":
-        """Token-weighted streaming average: A = (n1 A1 + n2 A2) / (n1 + n2), likewise S, per layer.
+    def merge(self, other: "FactorSet", weight: float = 1.0) -> "FactorSet":
+        """Token-weighted streaming average: A = (n1 A1 + w n2 A2) / (n1 + w n2), likewise S, per layer.
 
-        Both sets must cover the same layers with the same shapes. The result's metadata records both parts.
+        ``weight`` w = 1 is the plain token weighting (paper Algorithm 2); w > 1 lets ``other`` (e.g. the statistics
+        of past edits) count as if it had w times its tokens. Both sets must cover the same layers with the same
+        shapes. The result counts n1 + n2 tokens; its (constant-size) metadata records the weight and both counts.
         """
+        if weight < 0:
+            raise ValueError(f"merge weight must be >= 0, got {weight!r}")
         if set(self.factors) != set(other.factors):
             raise ValueError(f"cannot merge factor sets over different layers: {sorted(self.factors)} vs "
                              f"{sorted(other.factors)}")
@@ -155,17 +159,17 @@ class FactorSet:
             if mine.A.shape != theirs.A.shape or mine.S.shape != theirs.S.shape:
                 raise ValueError(f"cannot merge {name}: shapes {tuple(mine.S.shape)}x{tuple(mine.A.shape)} vs "
                                  f"{tuple(theirs.S.shape)}x{tuple(theirs.A.shape)}")
-            n1, n2 = mine.num_tokens, theirs.num_tokens
-            total = n1 + n2
-            if total == 0:
+            n1, n2 = mine.num_tokens, theirs.num_tokens * weight
+            if n1 + n2 == 0:
                 raise ValueError(f"cannot merge {name}: both factor sets count zero tokens")
-            w1, w2 = n1 / total, n2 / total
+            w1, w2 = n1 / (n1 + n2), n2 / (n1 + n2)
             merged[name] = KFACFactors(
                 A=w1 * mine.A + w2 * theirs.A.to(mine.A.device, mine.A.dtype),
                 S=w1 * mine.S + w2 * theirs.S.to(mine.S.device, mine.S.dtype),
-                num_tokens=total,
+                num_tokens=mine.num_tokens + theirs.num_tokens,
             )
-        return FactorSet(merged, {"merged_from": [self.metadata, other.metadata]})
+        return FactorSet(merged, {"merge_weight": weight, "merged_num_tokens": [self.metadata.get("num_tokens"),
+                                                                                 other.metadata.get("num_tokens")]})
 
     def to(self, device: torch.device | str) -> "FactorSet":
         """Move every factor to ``device`` (returns a new set)."""
@@ -273,6 +277,8 @@ def model_fingerprint(model: nn.Module, full_params: Iterable[str] = (), sample_
 
     Parameters named in ``full_params`` are hashed completely; every other parameter contributes its name, shape,
     dtype and a strided sample of ``sample_values`` values, so any edit that changes many values is detected.
+    ``name`` is the model id, or only the last component of a local folder's path (no machine path is recorded);
+    it is informative and not part of curvature cache keys.
     """
     config = getattr(model, "config", None)
     digest = hashlib.sha256()
@@ -281,10 +287,37 @@ def model_fingerprint(model: nn.Module, full_params: Iterable[str] = (), sample_
         digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
         digest.update(_tensor_bytes(param, None if name in full else sample_values))
     return {
-        "name": str(getattr(config, "_name_or_path", "") or type(model).__name__),
+        "name": portable_model_name(str(getattr(config, "_name_or_path", "") or type(model).__name__)),
         "revision": getattr(config, "_commit_hash", None),
         "weights_sha256": digest.hexdigest(),
     }
+
+
+def portable_model_name(name: str) -> str:
+    """A model id as given (``org/model``), or the last path component when ``name`` is a local path."""
+    if os.path.isabs(name) or name.startswith(("~", ".")) or os.path.exists(name):
+        return Path(name.rstrip("/\\")).name or name
+    return name
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """sha256 of a tokenizer's *content*: its vocabulary, merges, normalisation and special tokens (no path).
+
+    Fast tokenizers hash their ``tokenizers`` JSON (without the transient padding/truncation settings); slow ones
+    their vocabulary. Two copies of one tokenizer in different folders, or under different names, agree.
+    """
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        content = json.loads(backend.to_str())
+        content.pop("padding", None)
+        content.pop("truncation", None)
+    else:
+        content = sorted(tok.get_vocab().items())
+    extra = {"class": type(tok).__name__.removesuffix("Fast"),
+             "special": {k: str(v) for k, v in sorted((getattr(tok, "special_tokens_map", None) or {}).items())},
+             "bos": getattr(tok, "bos_token_id", None), "eos": getattr(tok, "eos_token_id", None)}
+    payload = json.dumps([content, extra], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def curvature_identity(model_fp: Mapping[str, Any], param_names: list[str], layer_shapes: Mapping[str, tuple],
@@ -307,10 +340,14 @@ def curvature_identity(model_fp: Mapping[str, Any], param_names: list[str], laye
     }
 
 
+def identity_key(identity: Mapping[str, Any]) -> str:
+    """A 24-hex-digit sha256 of a curvature identity (its JSON with sorted keys)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def cache_path_for(cache_dir: str | os.PathLike, identity: Mapping[str, Any]) -> Path:
-    """``{cache_dir}/kfac-<sha256 of the identity>.safetensors``."""
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-    return Path(cache_dir).expanduser() / f"kfac-{key}.safetensors"
+    """``{cache_dir}/kfac-<identity_key(identity)>.safetensors``."""
+    return Path(cache_dir).expanduser() / f"kfac-{identity_key(identity)}.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Kronecker eigenbasis -> projector.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field, fields
@@ -20,11 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .curvature import (
-    FACTOR_DTYPES, FactorSet, cache_path_for, collect_kfac_factors, curvature_identity, layer_shape,
-    model_fingerprint, model_inputs, resolve_module, weight_orientation,
+    FACTOR_DTYPES, FactorSet, collect_kfac_factors, model_fingerprint, model_inputs, resolve_module,
+    weight_orientation,
 )
 from .optim import ProjectedAdam, leak_fraction
-from .projector import KroneckerProjector, kfac_quadratic_form
+from .projector import Eigenbasis, KroneckerProjector, kfac_quadratic_form
 
 logger = logging.getLogger(__name__)
 
@@ -145,55 +146,10 @@ def edit_targets(model: nn.Module, hparams) -> list[EditTarget]:
     return targets
 
 
-def capability_factors(model: nn.Module, tok, hparams, targets: Sequence[EditTarget],
-                       progress: bool = True) -> FactorSet:
-    """K-FAC factors of the capability loss for the edit weights: from the cache, or collected once and cached.
-
-    The cache key covers the model fingerprint (weights included), layers, corpus, tokenizer, number and length of
-    sequences, Fisher type, samples, dtype, sink exclusion and seed; a cache whose metadata does not match raises.
-    """
-    from .corpora import corpus_fingerprint, load_corpus, spread_windows
-
-    names = [t.name for t in targets]
-    texts = load_corpus(hparams.mom2_dataset, split="stats")
-    corpus_fp = (f"{corpus_fingerprint(hparams.mom2_dataset, 'stats', texts)}|tokenizer="
-                 f"{getattr(tok, 'name_or_path', '')}|vocab={len(tok)}")
-    identity = curvature_identity(
-        model_fingerprint(model, names), names, {t.name: t.shape for t in targets}, corpus_fp,
-        hparams.mom2_n_samples, hparams.curvature_seq_len, hparams.fisher_type, hparams.mc_samples,
-        hparams.mom2_dtype, hparams.exclude_first_tokens, hparams.seed)
-    path = cache_path_for(hparams.cache_dir, identity) if hparams.cache_dir else None
-    device = next(model.parameters()).device
-    if path is not None and path.exists():
-        logger.info("loading capability curvature from %s", path)
-        return FactorSet.load(path, expected=identity, device=device)
-    logger.info("collecting capability curvature (%s, %d sequences x %d tokens, fisher %s)%s",
-                hparams.mom2_dataset, hparams.mom2_n_samples, hparams.curvature_seq_len, hparams.fisher_type,
-                f"; will cache at {path}" if path else "; no cache_dir: not cached")
-    packed = spread_windows(texts, tok, hparams.curvature_seq_len, hparams.mom2_n_samples)
-    size = hparams.curvature_batch_size
-    batches = [{key: value[i : i + size] for key, value in packed.items()}
-               for i in range(0, packed["input_ids"].shape[0], size)]
-    factors = collect_kfac_factors(
-        model, names, batches, fisher_type=hparams.fisher_type, mc_samples=hparams.mc_samples,
-        dtype=FACTOR_DTYPES[hparams.mom2_dtype], seed=hparams.seed,
-        exclude_first_tokens=hparams.exclude_first_tokens, progress=progress)
-    factors.metadata.update(identity)
-    if path is not None:
-        factors.save(path)
-        logger.info("cached capability curvature at %s", path)
-    return factors
-
-
-def build_projectors(factors: FactorSet, targets: Sequence[EditTarget], gamma: float,
-                     dtype: torch.dtype = torch.float32) -> dict[str, KroneckerProjector]:
-    """One Kronecker projector per edit weight, on the weight's device."""
-    projectors = {}
-    for target in targets:
-        f = factors[target.name]
-        projectors[target.name] = KroneckerProjector.from_factors(
-            f.A.to(target.param.device), f.S.to(target.param.device), gamma, dtype=dtype)
-    return projectors
+def build_projectors(eigenbases: Mapping[str, Eigenbasis], targets: Sequence[EditTarget],
+                     gamma: float) -> dict[str, KroneckerProjector]:
+    """One Kronecker projector per edit weight from its eigenbasis (only the gamma-dependent mask is computed)."""
+    return {t.name: KroneckerProjector.from_eigenbasis(eigenbases[t.name], gamma) for t in targets}
 
 
 def _projection_fn(target: EditTarget, projector: KroneckerProjector) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -208,7 +164,14 @@ def _projection_fn(target: EditTarget, projector: KroneckerProjector) -> Callabl
 
 @dataclass
 class EditReport:
-    """What one CrispEdit call did; ``summary()`` is the one-line receipt that is logged."""
+    """What one CrispEdit call did; ``summary()`` is the one-line receipt that is logged.
+
+    ``weights_status`` says how the weights at the start of the call related to the model's edit state (see
+    :mod:`crispedit_easyedit.state`): "first", "base" (a fresh Algorithm 1), "continue" (CrispEdit-Seq across
+    calls) or "foreign"; ``past_edits_protected`` counts the earlier edits of the sequence whose statistics were
+    merged into the protected curvature. ``eigendecompositions`` counts the eigendecompositions of factor *sets*
+    (all layers) done in this call, ``edit_statistics_collections`` the K-FAC collections over past edits.
+    """
 
     num_edits: int
     epochs: int = 0
@@ -218,7 +181,13 @@ class EditReport:
     projection_mode: str = "both"
     gamma: float = 0.0
     chunks: int = 1
+    weights_status: str = "first"
+    past_edits_protected: int = 0
+    curvature_source: str = ""
+    eigendecompositions: int = 0
+    edit_statistics_collections: int = 0
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    chunk_leak_fractions: list[dict[str, float]] = field(default_factory=list)
     predicted_loss_increase: float = 0.0
     seconds_curvature: float = 0.0
     seconds_editing: float = 0.0
@@ -229,14 +198,23 @@ class EditReport:
                          for name, info in self.layers.items())
         mode = ("mode none (plain fine-tuning; the projector below is not applied)" if self.projection_mode == "none"
                 else f"mode {self.projection_mode}")
-        return (f"CrispEdit: {self.num_edits} edits, {self.chunks} chunk(s), {self.epochs} epochs / {self.steps} "
-                f"steps, final loss {self.final_loss:.4f}, {mode}, gamma {self.gamma}, kept "
-                f"fraction per layer [{kept}], predicted capability-loss increase {self.predicted_loss_increase:.3g} "
-                f"nats/token, curvature {self.seconds_curvature:.1f}s, editing {self.seconds_editing:.1f}s")
+        sequence = (f"continuing a sequence of {self.past_edits_protected} earlier edits"
+                    if self.past_edits_protected else "fresh from the base weights")
+        return (f"CrispEdit: {self.num_edits} edits, {self.chunks} chunk(s), {sequence} (weights: "
+                f"{self.weights_status}), {self.epochs} epochs / {self.steps} steps, final loss "
+                f"{self.final_loss:.4f}, {mode}, gamma {self.gamma}, kept fraction per layer [{kept}], predicted "
+                f"capability-loss increase {self.predicted_loss_increase:.3g} nats/token, curvature "
+                f"{self.curvature_source} ({self.seconds_curvature:.1f}s), {self.eigendecompositions} "
+                f"eigendecomposition(s), {self.edit_statistics_collections} past-edit statistics collection(s), "
+                f"editing {self.seconds_editing:.1f}s")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (the projectors, which hold tensors, are left out)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "projectors"}
+
+
+def _batches(examples: Sequence[tuple[list[int], list[int]]], size: int, pad: int) -> list[dict[str, torch.Tensor]]:
+    return [collate(examples[i : i + size], pad) for i in range(0, len(examples), size)]
 
 
 def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], hparams,
@@ -244,8 +222,9 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
                        progress: bool = True) -> tuple[int, int, list[float]]:
     """Fine-tune the target weights on prompt -> target_new with projected Adam (hparams.projection_mode).
 
-    Up to ``hparams.num_steps`` epochs of shuffled batches of ``hparams.batch_size``; stops early once the epoch's
-    mean loss falls below ``hparams.early_stop_loss``. The caller handles requires_grad flags and restoration.
+    Up to ``hparams.num_steps`` epochs of shuffled minibatches of ``hparams.train_batch_size`` edits, with a fresh
+    optimizer; stops early once the epoch's mean loss falls below ``hparams.early_stop_loss``. The caller handles
+    requires_grad flags and restoration.
 
     Returns:
         (epochs run, optimizer steps, mean loss per epoch).
@@ -260,12 +239,12 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     generator = torch.Generator().manual_seed(hparams.seed)
     history: list[float] = []
     steps = 0
+    size = hparams.train_batch_size
     bar = tqdm(range(hparams.num_steps), desc="CrispEdit epochs", unit="epoch", disable=not progress)
     for _ in bar:
         order = torch.randperm(len(examples), generator=generator).tolist()
         total, count = 0.0, 0
-        for start in range(0, len(order), hparams.batch_size):
-            batch = collate([examples[i] for i in order[start : start + hparams.batch_size]], pad)
+        for batch in _batches([examples[i] for i in order], size, pad):
             batch = {key: value.to(device) for key, value in batch.items()}
             optimizer.zero_grad()
             loss, n = edit_loss(model, batch)
@@ -282,106 +261,131 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     return len(history), steps, history
 
 
-def _edit_factor_batches(tok, requests, hparams) -> list[dict[str, torch.Tensor]]:
-    """Batches of whole prompt+target sequences for the K-FAC statistics of past edits (CrispEdit-Seq).
+def edit_statistics(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], hparams,
+                    targets: Sequence[EditTarget], seed: int) -> FactorSet:
+    """K-FAC statistics of a chunk's edits on the current (just edited) weights, for CrispEdit-Seq.
 
-    With ``hparams.edit_kfac_on_full_sequence`` (default, paper App. E) every position counts; otherwise only the
-    target tokens do (via ``loss_mask``).
+    With ``hparams.edit_kfac_on_full_sequence`` (default, paper App. E) every position of prompt+target counts,
+    otherwise only the positions predicting target tokens; the first ``hparams.exclude_first_tokens`` positions of
+    each sequence are left out as for the capability statistics. Batches of ``hparams.train_batch_size``.
     """
     examples = [tokenize_edit(tok, r["prompt"], r["target_new"], hparams.max_length) for r in requests]
     batches = []
-    for start in range(0, len(examples), hparams.batch_size):
-        batch = collate(examples[start : start + hparams.batch_size], pad_token_id(tok))
+    for batch in _batches(examples, hparams.train_batch_size, pad_token_id(tok)):
         labels = batch.pop("labels")
-        if not getattr(hparams, "edit_kfac_on_full_sequence", True):
+        if not hparams.edit_kfac_on_full_sequence:
             loss_mask = torch.zeros_like(labels, dtype=torch.bool)
             loss_mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts target token t+1
             batch["loss_mask"] = loss_mask
         batches.append(batch)
-    return batches
+    return collect_kfac_factors(
+        model, [t.name for t in targets], batches, fisher_type=hparams.fisher_type, mc_samples=hparams.mc_samples,
+        dtype=FACTOR_DTYPES[hparams.mom2_dtype], seed=seed, exclude_first_tokens=hparams.exclude_first_tokens,
+        progress=False)
 
 
 def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], hparams,
                     factors: FactorSet | None = None, progress: bool = True) -> EditReport:
-    """Edit ``model`` in place with CrispEdit (``hparams.chunk_size`` None) or CrispEdit-Seq (chunks).
+    """Edit ``model`` in place with CrispEdit (Algorithm 1), or CrispEdit-Seq (Algorithm 2) in chunks of
+    ``hparams.chunk_size`` and across calls.
 
-    Only the edit weights change; every other parameter stays bit-identical. The edit applies fully or not at
-    all: if anything raises, the edit weights are restored before the error propagates. requires_grad flags and
-    the training mode are restored in every case.
+    The model's edit state (:mod:`crispedit_easyedit.state`) supplies the capability curvature and its eigenbases,
+    computed once at the base weights, and, when the weights are those the previous call left, the statistics of the
+    earlier edits of the sequence. Only the edit weights change; every other parameter stays bit-identical. The edit
+    applies fully or not at all: if anything raises, the edit weights and the edit state are restored before the
+    error propagates. requires_grad flags and the training mode are restored in every case.
 
     Args:
         model: a causal LM (any dtype; optimizer math is fp32).
         tok: its tokenizer (padding side and pad token do not matter; the vocabulary is never changed).
         requests: EasyEdit request dicts with ``prompt`` and ``target_new``.
         hparams: CrispEditHyperParams.
-        factors: capability K-FAC factors to use instead of the cache/corpus (e.g. shared across calls).
+        factors: capability K-FAC factors to use instead of the edit state's; the call then stands alone (no
+            sequence across calls, nothing cached).
 
     Returns:
         An EditReport (also logged as a one-line receipt).
     """
+    from .state import CapabilityCurvature, EditState, UnrecordedChunk, _eigenbases_for, attach_state
+
     if not requests:
         raise ValueError("no edit requests given")
     targets = edit_targets(model, hparams)
+    names = [t.name for t in targets]
     originals = {t.name: t.param.detach().clone() for t in targets}
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     report = EditReport(num_edits=len(requests), projection_mode=hparams.projection_mode,
                         gamma=hparams.energy_threshold)
+    state, checkpoint = None, None
     try:
         started = time.perf_counter()
         if factors is None:
-            factors = capability_factors(model, tok, hparams, targets, progress=progress)
+            state, status, fingerprint = attach_state(model, names)
+        else:
+            fingerprint = model_fingerprint(model, names)
+            state, status = EditState(names, fingerprint), "first"
+        checkpoint = state.checkpoint()
+        if status in ("first", "base"):
+            state.start_sequence()
+        elif hparams.projection_mode != "none":
+            report.edit_statistics_collections += int(state.record_unrecorded(model, tok, targets))
+        if factors is None:
+            curvature = state.capability(model, tok, hparams, targets, fingerprint, progress=progress)
+        else:
+            curvature = CapabilityCurvature(dict(factors.metadata), factors, _eigenbases_for(
+                factors, targets, FACTOR_DTYPES[hparams.mom2_dtype]), "given", "computed")
+        report.weights_status, report.past_edits_protected = status, state.num_edits
+        report.curvature_source = curvature.source
+        report.eigendecompositions = int(curvature.eigen_source == "computed")
         report.seconds_curvature = time.perf_counter() - started
         started = time.perf_counter()
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        for t in targets:
-            t.param.requires_grad_(True)
-        eig_dtype = FACTOR_DTYPES[hparams.mom2_dtype]
         use_projection = hparams.projection_mode != "none"
         chunk = hparams.chunk_size or len(requests)
         chunks = [requests[i : i + chunk] for i in range(0, len(requests), chunk)]
-        accumulated = factors
-        projectors = None
+        projectors: dict[str, KroneckerProjector] = {}
         for index, part in enumerate(chunks):
-            projectors = build_projectors(accumulated, targets, hparams.energy_threshold, eig_dtype)
+            eigenbases, fresh = state.protected_eigenbases(curvature, hparams, targets)
+            report.eigendecompositions += int(fresh)
+            projectors = build_projectors(eigenbases, targets, hparams.energy_threshold)
+            start_of_chunk = {t.name: t.param.detach().clone() for t in targets}
+            for t in targets:
+                t.param.requires_grad_(True)
             epochs, steps, history = finetune_projected(
                 model, tok, part, hparams, targets, projectors if use_projection else None, progress)
+            for t in targets:
+                t.param.requires_grad_(False)
             report.epochs += epochs
             report.steps += steps
             report.loss_history += history
-            if index < len(chunks) - 1:  # Algorithm 2: protect this chunk's edits in the following chunks
-                for t in targets:
-                    t.param.requires_grad_(False)
-                edit_factors = collect_kfac_factors(
-                    model, [t.name for t in targets], _edit_factor_batches(tok, part, hparams),
-                    fisher_type=hparams.fisher_type, mc_samples=hparams.mc_samples, dtype=eig_dtype,
-                    seed=hparams.seed + index + 1, progress=False)
-                accumulated = accumulated.merge(edit_factors)
-                for t in targets:
-                    t.param.requires_grad_(True)
+            report.chunk_leak_fractions.append({
+                t.name: leak_fraction(t.as_matrix(t.param.detach().float() - start_of_chunk[t.name].float()),
+                                      projectors[t.name].project) for t in targets})
+            if use_projection:  # Algorithm 2: this chunk's edits are protected in every later chunk and call
+                seed = hparams.seed + state.num_chunks + 1
+                if index < len(chunks) - 1:
+                    state.add_statistics(edit_statistics(model, tok, part, hparams, targets, seed=seed), len(part))
+                    report.edit_statistics_collections += 1
+                else:  # collected by the next call if it continues the sequence (nothing if EasyEdit restores)
+                    state.unrecorded = UnrecordedChunk([dict(r) for r in part], copy.copy(hparams), seed)
+            state.num_edits += len(part)
+            state.num_chunks += 1
+        state.last_digest = model_fingerprint(model, names)["weights_sha256"]
+        state.last_capability = curvature.identity
         report.chunks = len(chunks)
         report.projectors = projectors
         report.final_loss = report.loss_history[-1]
         report.seconds_editing = time.perf_counter() - started
-        for t in targets:
-            delta = t.as_matrix(t.param.detach().to(eig_dtype) - originals[t.name].to(eig_dtype))
-            f = factors[t.name]
-            predicted = kfac_quadratic_form(delta, f.A.to(delta.device), f.S.to(delta.device))
-            diag = projectors[t.name].diagnostics()
-            report.layers[t.name] = {
-                "kept_fraction": diag.kept_fraction, "removed_directions": diag.removed,
-                "total_directions": diag.total, "removed_energy": diag.removed_energy,
-                "top_eigenvalue_share_A": diag.top_share_in, "top_eigenvalue_share_S": diag.top_share_out,
-                "predicted_loss_increase": predicted, "delta_norm": float(delta.norm()),
-                "leak_fraction": leak_fraction(delta, projectors[t.name].project),
-            }
-            report.predicted_loss_increase += predicted
+        _layer_diagnostics(report, targets, originals, curvature.factors, FACTOR_DTYPES[hparams.mom2_dtype])
     except BaseException:
         with torch.no_grad():
             for t in targets:
                 t.param.copy_(originals[t.name])
+        if state is not None and checkpoint is not None:
+            state.rollback(checkpoint)
         logger.error("CrispEdit failed; the edit weights were restored to their values before the call")
         raise
     finally:
@@ -392,3 +396,22 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
         model.train(was_training)
     logger.info(report.summary())
     return report
+
+
+def _layer_diagnostics(report: EditReport, targets: Sequence[EditTarget], originals: Mapping[str, torch.Tensor],
+                       factors: FactorSet, dtype: torch.dtype) -> None:
+    """Per-layer receipt: kept fraction of the last projector, predicted capability-loss increase of the call's
+    whole change (K-FAC quadratic form of the capability factors), and the worst per-chunk leak."""
+    for t in targets:
+        delta = t.as_matrix(t.param.detach().to(dtype) - originals[t.name].to(dtype))
+        f = factors[t.name]
+        predicted = kfac_quadratic_form(delta, f.A.to(delta.device), f.S.to(delta.device))
+        diag = report.projectors[t.name].diagnostics()
+        report.layers[t.name] = {
+            "kept_fraction": diag.kept_fraction, "removed_directions": diag.removed,
+            "total_directions": diag.total, "removed_energy": diag.removed_energy,
+            "top_eigenvalue_share_A": diag.top_share_in, "top_eigenvalue_share_S": diag.top_share_out,
+            "predicted_loss_increase": predicted, "delta_norm": float(delta.norm()),
+            "leak_fraction": max(chunk[t.name] for chunk in report.chunk_leak_fractions),
+        }
+        report.predicted_loss_increase += predicted

@@ -71,6 +71,7 @@ DEVICE_CHOICES = "a non-negative CUDA index (int), 'cpu', 'cuda', 'cuda:N' or 'm
 MOM2_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 FISHER_TYPES: tuple[str, ...] = ("mc", "empirical")
 PROJECTION_MODES: tuple[str, ...] = ("gradient", "update", "both", "none")
+CURVATURE_AT: tuple[str, ...] = ("base", "current")
 EVALUATION_TYPES: tuple[str | None, ...] = (None, "LLM-judge", "generate-text")
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
@@ -104,7 +105,10 @@ class CrispEditHyperParams:
     num_steps: int = _f(25, "Number of epochs over the edit requests (paper: 25).")
     lr: float = _f(5e-4, "Adam learning rate (paper: 5e-4).")
     weight_decay: float = _f(0.0, "Adam weight decay (decoupled, AdamW-style).")
-    batch_size: int = _f(32, "Edits per optimiser step; EasyEdit's batch_edit also chunks requests by it.")
+    batch_size: int = _f(1, "EasyEdit's meaning: edits per call of the apply function (batch_edit cuts the requests "
+                            "into chunks of this size; GitHub main's edit() requires 1). Each call runs one "
+                            "Algorithm 1 on its edits; see train_batch_size for the optimiser minibatch.")
+    train_batch_size: int = _f(32, "Edits per optimiser step inside one call (the paper's minibatch: 32).")
     max_length: int = _f(128, "Maximum tokens of one prompt+target sequence (EasyEdit's evaluators read it too).")
     early_stop_loss: float = _f(0.01, "Stop editing once the mean edit loss of an epoch falls below this (paper: "
                                       "0.01); 0 disables early stopping.")
@@ -126,9 +130,17 @@ class CrispEditHyperParams:
                                       "(attention-sink tokens); must be below curvature_seq_len.")
     cache_dir: str | None = _f("~/.cache/crispedit_easyedit", "Folder of the on-disk curvature cache "
                                                               "(safetensors + JSON); None disables the disk cache.")
+    curvature_at: str = _f("base", "'base': the capability curvature and its eigenbases are computed once, at the "
+                                   "weights of the first call (theta_0), and reused by every later call on the same "
+                                   "model whatever happened to the edit weights; 'current': collected again on "
+                                   "the current (possibly edited) weights at every call (cached by their hash).")
     # --- CrispEdit-Seq (Algorithm 2) -----------------------------------------------------------------------------
     chunk_size: int | None = _f(None, "CrispEdit-Seq: edits per chunk (paper: 100); None = one batch edit "
                                       "(Algorithm 1).")
+    edit_stats_weight: float = _f(1.0, "CrispEdit-Seq: weight of the past edits' K-FAC statistics relative to "
+                                       "the capability statistics when they are merged: A = (n_cap A_cap + w n_edit "
+                                       "A_edit) / (n_cap + w n_edit), likewise S. 1.0 is the paper's token "
+                                       "weighting.")
     edit_kfac_on_full_sequence: bool = _f(True, "CrispEdit-Seq: collect the statistics of past edits on the whole "
                                                 "prompt+target sequence, not only target tokens (paper App. E).")
     # --- Attributes EasyEdit's BaseEditor / evaluators read (both generations) -----------------------------------
@@ -142,11 +154,11 @@ class CrispEditHyperParams:
 
     # ------------------------------------------------------------------------------------------------------------
     _INT_FIELDS: ClassVar[frozenset[str]] = frozenset({
-        "num_steps", "batch_size", "max_length", "mom2_n_samples", "mc_samples", "curvature_seq_len",
+        "num_steps", "batch_size", "train_batch_size", "max_length", "mom2_n_samples", "mc_samples", "curvature_seq_len",
         "curvature_batch_size", "exclude_first_tokens", "seed", "chunk_size",
     })
     _FLOAT_FIELDS: ClassVar[frozenset[str]] = frozenset({"lr", "weight_decay", "energy_threshold",
-                                                         "early_stop_loss"})
+                                                         "early_stop_loss", "edit_stats_weight"})
     _BOOL_FIELDS: ClassVar[frozenset[str]] = frozenset({"model_parallel", "edit_kfac_on_full_sequence", "fp16",
                                                         "use_chat_template"})
 
@@ -174,7 +186,7 @@ class CrispEditHyperParams:
             raise ValueError(f"rewrite_module_tmp must be a string containing '{{}}' exactly once (the layer "
                              f"index), e.g. 'model.layers.{{}}.mlp.down_proj.weight'; got {tmp!r}")
         # Integers with lower bounds.
-        for name, minimum in (("num_steps", 1), ("batch_size", 1), ("max_length", 2), ("mom2_n_samples", 1),
+        for name, minimum in (("num_steps", 1), ("batch_size", 1), ("train_batch_size", 1), ("max_length", 2), ("mom2_n_samples", 1),
                               ("mc_samples", 1), ("curvature_seq_len", 2), ("curvature_batch_size", 1),
                               ("exclude_first_tokens", 0), ("seed", None)):
             setattr(self, name, _as_int(name, getattr(self, name), minimum))
@@ -188,12 +200,14 @@ class CrispEditHyperParams:
         self.lr = _as_float("lr", self.lr, low=0.0, low_inclusive=False)
         self.weight_decay = _as_float("weight_decay", self.weight_decay, low=0.0)
         self.early_stop_loss = _as_float("early_stop_loss", self.early_stop_loss, low=0.0)
+        self.edit_stats_weight = _as_float("edit_stats_weight", self.edit_stats_weight, low=0.0)
         self.energy_threshold = _as_float("energy_threshold", self.energy_threshold, low=0.0, low_inclusive=False,
                                           high=1.0)
         # Choices and strings.
         _check_choice("mom2_dtype", self.mom2_dtype, tuple(MOM2_DTYPES))
         _check_choice("fisher_type", self.fisher_type, FISHER_TYPES)
         _check_choice("projection_mode", self.projection_mode, PROJECTION_MODES)
+        _check_choice("curvature_at", self.curvature_at, CURVATURE_AT)
         _check_choice("evaluation_type", self.evaluation_type, EVALUATION_TYPES)
         if not isinstance(self.mom2_dataset, str) or not self.mom2_dataset.strip():
             raise ValueError(f"mom2_dataset must be a non-empty string (the capability corpus spec, e.g. "

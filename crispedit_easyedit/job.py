@@ -22,7 +22,8 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from . import __version__
-from .editing import apply_crispedit, capability_factors, edit_targets
+from .editing import apply_crispedit, edit_targets
+from .state import capability_curvature
 from .hparams import CrispEditHyperParams
 
 logger = logging.getLogger(__name__)
@@ -362,13 +363,14 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = edit_targets(model, hparams)
     with timer.phase("curvature (cache or collect)"):
-        factors = capability_factors(model, tok, hparams, targets, progress=cfg.progress)
-    base_fp = factors.metadata["model"]  # the unedited model's fingerprint, computed for the cache key
+        curvature = capability_curvature(model, tok, hparams, progress=cfg.progress)
+    factors = curvature.factors
+    base_fp = curvature.identity["model"]  # the unedited model's weights fingerprint, computed for the cache key
     with timer.phase("evaluate before: reference log-probs"):
         reference = next_token_logprobs(model, probes.heldout, show_progress=cfg.progress)
     before = measure(model, tok, probes, cfg, hparams, timer=timer, label="before")
     with timer.phase("edit"):
-        report = apply_crispedit(model, tok, probes.requests, hparams, factors=factors, progress=cfg.progress)
+        report = apply_crispedit(model, tok, probes.requests, hparams, progress=cfg.progress)
     after = measure(model, tok, probes, cfg, hparams, reference=reference, before=before, timer=timer, label="after")
     with timer.phase("plot"):
         plot_energy_spectra(report.projectors, out_dir / "energy_spectrum.png",

@@ -93,21 +93,6 @@ class ProjectedAdam:
             if self.master[i] is not None:
                 p.data.copy_(weights.to(p.dtype))
 
-    def set_projections(self, projections: Iterable[Projection | None]) -> None:
-        """Swap in new projections (after a cache refresh or a CrispEdit-Seq chunk).
-
-        The first moments are re-projected in "gradient" and "both" modes, where they are sums of projected
-        gradients and must lie in the new subspace; the second moments are elementwise scales and stay as they are
-        ("update" and "both" modes project the final step anyway).
-        """
-        projections = list(projections)
-        if len(projections) != len(self.params):
-            raise ValueError(f"got {len(projections)} projections for {len(self.params)} parameters")
-        self.projections = projections
-        if self.mode in ("gradient", "both"):
-            for i in range(len(self.params)):
-                self.exp_avg[i] = self._project(i, self.exp_avg[i])
-
     def state_dict(self) -> dict:
         return {"step": self.step_count, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 

@@ -16,9 +16,11 @@ never splits a degenerate eigenspace (whose eigenvectors are arbitrary) and depe
 eigh or a sort orders equal values; it may remove slightly more than gamma of the energy. Products equal to 0 are never removed, so ``gamma = 1`` removes exactly the
 directions with non-zero curvature.
 
-Memory per layer (factor dtype, 4 bytes for fp32): U_A d_in^2, U_S d_out^2, the mask d_out*d_in (bool, 1 byte),
-plus two (d_out, d_in) temporaries during a projection. Llama-3-8B down_proj (4096 x 14336), fp32: 822 MB + 67 MB
-+ 59 MB, and 2 x 235 MB transient.
+Memory per layer (factor dtype, 4 bytes for fp32; :func:`projector_memory_bytes` computes it): U_A d_in^2,
+U_S d_out^2, the mask d_out*d_in (bool, 1 byte), plus two (d_out, d_in) temporaries during a projection. The energy
+rule itself needs only O(d_out + d_in) besides the mask (no product matrix, no sort). Llama-3-8B down_proj
+(4096 x 14336), fp32: 822 MB + 67 MB + 59 MB resident, 2 x 235 MB transient per projection, and up to 3.3 GB extra
+while eigh decomposes A (the symmetrised copy, the eigenvectors and LAPACK's syevd workspace).
 """
 
 from __future__ import annotations
@@ -51,8 +53,78 @@ def stable_eigh(matrix: torch.Tensor, dtype: torch.dtype = torch.float32) -> tup
     return eigenvalues.clamp_min(0.0), eigenvectors
 
 
+def _first_at_or_above(scale: torch.Tensor, values: torch.Tensor, t: float) -> torch.Tensor:
+    """Per row i, the first index j with ``fl(scale[i] * values[j]) >= t`` (``len(values)`` if none).
+
+    ``values`` is sorted ascending and non-negative, ``scale`` non-negative, both float64; the products are compared
+    exactly as float64 products (a ``searchsorted`` on ``t / scale`` is corrected for its rounding), so the result
+    agrees with materialising the products. Memory O(len(scale)).
+    """
+    n = values.numel()
+    with torch.no_grad():
+        guess = torch.full_like(scale, float("inf"))
+        positive = scale > 0
+        guess[positive] = t / scale[positive]
+        index = torch.searchsorted(values, guess.contiguous())
+        while True:  # step left while the previous product still reaches t (jump over equal values at once)
+            previous = (index - 1).clamp_min(0)
+            move = (index > 0) & (scale * values[previous] >= t)
+            if not bool(move.any()):
+                break
+            index = torch.where(move, torch.searchsorted(values, values[previous].contiguous()), index)
+        while True:  # step right while the current product is below t
+            current = index.clamp_max(n - 1)
+            move = (index < n) & (scale * values[current] < t)
+            if not bool(move.any()):
+                break
+            index = torch.where(move, torch.searchsorted(values, values[current].contiguous(), right=True), index)
+    return index
+
+
+def _energy_at_or_above(scale: torch.Tensor, values: torch.Tensor, suffix: torch.Tensor, t: float) -> float:
+    """Sum of the products ``scale[i] * values[j]`` that are >= t (``suffix[k]`` = sum of ``values[k:]``)."""
+    return float((scale * suffix[_first_at_or_above(scale, values, t)]).sum())
+
+
+def energy_threshold_product(eig_out: torch.Tensor, eig_in: torch.Tensor, gamma: float) -> float:
+    """The smallest removed Kronecker eigenvalue product of the energy rule, without forming the products.
+
+    It is the largest product value p such that the products >= p hold at least ``gamma`` of the total energy
+    (the fewest largest products that reach gamma). Found by bisection over the float64 bit patterns of p, each step
+    an O(d_out log d_in) count with sorted eigenvalues and prefix sums: extra memory O(d_out + d_in).
+
+    Returns:
+        p > 0, or 0.0 when the total energy is zero or reaching gamma needs products equal to zero.
+    """
+    s = eig_out.detach().to(torch.float64).flatten()
+    a = torch.sort(eig_in.detach().to(torch.float64).flatten()).values
+    suffix = torch.cat([torch.flip(torch.cumsum(torch.flip(a, (0,)), 0), (0,)), a.new_zeros(1)])
+    total = float((s * suffix[0]).sum())
+    if total <= 0 or float(a[-1]) <= 0 or float(s.max()) <= 0:
+        return 0.0
+    goal = gamma * total
+    smallest_positive = torch.tensor(1, dtype=torch.int64).view(torch.float64).item()
+    if _energy_at_or_above(s, a, suffix, smallest_positive) < goal:
+        return 0.0
+    largest = float(s.max()) * float(a[-1])
+    low = int(torch.tensor(smallest_positive, dtype=torch.float64).view(torch.int64))  # E(low) >= goal
+    high = int(torch.tensor(largest, dtype=torch.float64).view(torch.int64)) + 1  # E(high) < goal (above every product)
+    while high - low > 1:
+        middle = (low + high) // 2
+        value = torch.tensor(middle, dtype=torch.int64).view(torch.float64).item()
+        if _energy_at_or_above(s, a, suffix, value) >= goal:
+            low = middle
+        else:
+            high = middle
+    return torch.tensor(low, dtype=torch.int64).view(torch.float64).item()
+
+
 def energy_mask(eig_out: torch.Tensor, eig_in: torch.Tensor, gamma: float) -> torch.Tensor:
     """Boolean keep-mask over the Kronecker eigenvalue products by the energy rule (see the module docstring).
+
+    The threshold comes from :func:`energy_threshold_product` and the mask is built from per-row counts, so no
+    (d_out, d_in) float tensor and no sort of the products is formed: besides the returned bool mask
+    (d_out * d_in bytes) the extra memory is O(d_out + d_in) (see :func:`energy_mask_memory_bytes`).
 
     Args:
         eig_out: (d_out,) non-negative eigenvalues of S.
@@ -65,20 +137,86 @@ def energy_mask(eig_out: torch.Tensor, eig_in: torch.Tensor, gamma: float) -> to
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma (energy_threshold) must be in (0, 1], got {gamma!r}")
     tie_rtol = 1000 * torch.finfo(torch.promote_types(eig_out.dtype, eig_in.dtype)).eps
-    products = eig_out[:, None].to(torch.float64) * eig_in[None, :].to(torch.float64)
-    total = products.sum()
-    if total <= 0:
-        return torch.ones(products.shape, dtype=torch.bool, device=products.device)
-    if gamma == 1.0:
-        return products <= 0
-    ordered = torch.sort(products.flatten(), descending=True).values
-    cumulative = torch.cumsum(ordered, dim=0)
-    # index of the first product at which the removed energy reaches gamma * total
-    cut = int(torch.searchsorted(cumulative, gamma * total).clamp_max(ordered.numel() - 1))
-    threshold = ordered[cut]
-    if threshold <= 0:  # reaching gamma needs zero products: remove every non-zero one
-        return products <= 0
-    return products < threshold * (1 - tie_rtol)
+    s = eig_out.detach().to(torch.float64).flatten()
+    a_sorted, order = torch.sort(eig_in.detach().to(torch.float64).flatten(), stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    if float(s.sum() * a_sorted.sum()) <= 0:  # no curvature at all: nothing to remove
+        return torch.ones((s.numel(), a_sorted.numel()), dtype=torch.bool, device=eig_out.device)
+    threshold = energy_threshold_product(s, a_sorted, gamma) if gamma < 1.0 else 0.0
+    if threshold > 0:
+        cut = threshold * (1 - tie_rtol)  # products within the tie tolerance of the threshold are removed too
+    else:  # gamma = 1, or reaching gamma needs every non-zero product: keep exactly the zero products
+        cut = torch.tensor(1, dtype=torch.int64).view(torch.float64).item()
+    kept_per_row = _first_at_or_above(s, a_sorted, cut)  # products below the cut are kept
+    return rank[None, :] < kept_per_row[:, None]
+
+
+def energy_mask_memory_bytes(d_out: int, d_in: int) -> int:
+    """Peak bytes of :func:`energy_mask` for a (d_out, d_in) weight: the bool mask plus O(d_out + d_in) vectors."""
+    return d_out * d_in + 8 * (6 * d_in + 8 * d_out)
+
+
+def projector_memory_bytes(d_out: int, d_in: int, dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """Memory of one layer's projector, in bytes (a formula checked at small scale by tests/test_projector.py).
+
+    Returns:
+        ``resident``: eigenvectors U_A (d_in^2) and U_S (d_out^2), eigenvalues and the bool mask;
+        ``eigh_peak``: the extra peak while eigendecomposing the larger factor (the symmetrised copy, the
+        eigenvector output and LAPACK's syevd workspace, about 1 + 6n + 2n^2 elements);
+        ``mask_peak``: the extra peak of :func:`energy_mask` besides the mask;
+        ``project_transient``: the two (d_out, d_in) temporaries of one projection.
+    """
+    item = torch.finfo(dtype).bits // 8
+    n = max(d_in, d_out)
+    return {
+        "resident": item * (d_in * d_in + d_out * d_out + d_in + d_out) + d_out * d_in,
+        "eigh_peak": item * (2 * n * n + (1 + 6 * n + 2 * n * n)),
+        "mask_peak": energy_mask_memory_bytes(d_out, d_in) - d_out * d_in,
+        "project_transient": 2 * item * d_out * d_in,
+    }
+
+
+@dataclass
+class Eigenbasis:
+    """The Kronecker eigenbasis of one K-FAC factor pair: what a projector needs besides the gamma-dependent mask.
+
+    Attributes:
+        eig_in: (d_in,) eigenvalues of A, ascending, clamped to >= 0.
+        basis_in: (d_in, d_in) eigenvectors of A as columns.
+        eig_out: (d_out,) eigenvalues of S, or None for the identity output factor.
+        basis_out: (d_out, d_out) eigenvectors of S, or None.
+        out_features: d_out.
+    """
+
+    eig_in: torch.Tensor
+    basis_in: torch.Tensor
+    eig_out: torch.Tensor | None
+    basis_out: torch.Tensor | None
+    out_features: int
+
+    @classmethod
+    def from_factors(cls, A: torch.Tensor, S: torch.Tensor | None, dtype: torch.dtype = torch.float32,
+                     out_features: int | None = None) -> "Eigenbasis":
+        """Eigendecompose A and S (two :func:`stable_eigh` calls; one when S is None).
+
+        Args:
+            A: (d_in, d_in); S: (d_out, d_out) or None (then ``out_features`` gives d_out).
+            dtype: float32 or float64 for the eigendecomposition and the stored bases.
+        """
+        eig_in, basis_in = stable_eigh(A, dtype)
+        if S is None:
+            if out_features is None:
+                raise ValueError("out_features is required when S is None (identity output factor)")
+            return cls(eig_in, basis_in, None, None, int(out_features))
+        eig_out, basis_out = stable_eigh(S, dtype)
+        return cls(eig_in, basis_in, eig_out, basis_out, int(S.shape[0]))
+
+    def to(self, device: torch.device | str) -> "Eigenbasis":
+        """A copy on ``device``."""
+        move = (lambda t: None if t is None else t.to(device))
+        return Eigenbasis(move(self.eig_in), move(self.basis_in), move(self.eig_out), move(self.basis_out),
+                          self.out_features)
 
 
 @dataclass
@@ -140,17 +278,15 @@ class KroneckerProjector:
             out_features: d_out when S is None.
             dtype: float32 or float64 for the eigendecomposition and the stored bases.
         """
-        eig_in, basis_in = stable_eigh(A, dtype)
-        if S is None:
-            if out_features is None:
-                raise ValueError("out_features is required when S is None (identity output factor)")
-            eig_out, basis_out = None, None
-            eig_out_for_mask = torch.ones(out_features, dtype=dtype, device=A.device)
-        else:
-            eig_out, basis_out = stable_eigh(S, dtype)
-            eig_out_for_mask = eig_out
-        mask = energy_mask(eig_out_for_mask, eig_in, gamma)
-        return cls(eig_in, basis_in, eig_out, basis_out, mask, gamma)
+        return cls.from_eigenbasis(Eigenbasis.from_factors(A, S, dtype, out_features), gamma)
+
+    @classmethod
+    def from_eigenbasis(cls, basis: "Eigenbasis", gamma: float) -> "KroneckerProjector":
+        """The projector for ``gamma`` from an existing eigendecomposition (only the mask is computed)."""
+        eig_out_for_mask = basis.eig_out if basis.eig_out is not None else torch.ones(
+            basis.out_features, dtype=basis.eig_in.dtype, device=basis.eig_in.device)
+        mask = energy_mask(eig_out_for_mask, basis.eig_in, gamma)
+        return cls(basis.eig_in, basis.basis_in, basis.eig_out, basis.basis_out, mask, gamma)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -22,7 +22,7 @@ def hparams(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(training_text()))
     return CrispEditHyperParams(model_name="tiny-llama", layers=[1, 2], device="cpu", lr=5e-3, num_steps=60,
-                                batch_size=2, max_length=32, energy_threshold=0.5, mom2_dataset=str(corpus),
+                                train_batch_size=2, max_length=32, energy_threshold=0.5, mom2_dataset=str(corpus),
                                 mom2_n_samples=8, curvature_seq_len=32, curvature_batch_size=4, cache_dir=None)
 
 

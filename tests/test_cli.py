@@ -19,7 +19,7 @@ layers: [1, 2]
 rewrite_module_tmp: "model.layers.{{}}.mlp.down_proj.weight"
 num_steps: 30
 lr: 1e-2
-batch_size: 4
+train_batch_size: 4
 max_length: 48
 energy_threshold: 0.5
 mom2_dataset: "{corpus}"

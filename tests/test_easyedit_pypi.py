@@ -98,7 +98,7 @@ def llama_hparams(model: Any, corpus: str, **overrides: Any) -> CrispEditHyperPa
     from crispedit_easyedit.easyedit import ModelPair
 
     values = dict(model_name=ModelPair(model, tiny_tokenizer(), name="tiny-llama"), layers=[1, 2], device=0,
-                  lr=2e-2, num_steps=40, batch_size=8, max_length=40, early_stop_loss=1e-3, mom2_dataset=corpus,
+                  lr=2e-2, num_steps=40, batch_size=8, train_batch_size=8, max_length=40, early_stop_loss=1e-3, mom2_dataset=corpus,
                   **TINY_CURVATURE)
     values.update(overrides)
     return CrispEditHyperParams(**values)
@@ -326,7 +326,7 @@ def test_batch_edit_runs_crispedit_on_gpt2(crispedit: Any, corpus_file: str) -> 
     model = tiny_gpt2()
     hparams = CrispEditHyperParams(
         model_name=ModelPair(model, tiny_tokenizer(), name="gpt2-tiny"), layers=[0, 1], device=0,
-        rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", lr=2e-2, num_steps=60, batch_size=3,
+        rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", lr=2e-2, num_steps=60, batch_size=3, train_batch_size=3,
         max_length=40, early_stop_loss=1e-3, mom2_dataset=corpus_file, **TINY_CURVATURE)
     names = hparams.edit_parameter_names()
     before = weights_of(model, names)

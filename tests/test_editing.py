@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from crispedit_easyedit import editing
+from crispedit_easyedit import state as state_module
 from crispedit_easyedit.curvature import collect_kfac_factors
 from crispedit_easyedit.editing import IGNORE_INDEX, apply_crispedit, collate, edit_targets, tokenize_edit
 from crispedit_easyedit.optim import leak_fraction
@@ -22,9 +23,10 @@ FACTS = [
 
 def hparams(**overrides):
     base = dict(layers=[1, 2], rewrite_module_tmp="model.layers.{}.mlp.down_proj.weight", num_steps=60, lr=5e-3,
-                weight_decay=0.0, batch_size=2, max_length=32, energy_threshold=0.5, mom2_dtype="float32",
-                fisher_type="mc", mc_samples=1, projection_mode="both", early_stop_loss=0.01, seed=0,
-                chunk_size=None, edit_kfac_on_full_sequence=True)
+                weight_decay=0.0, batch_size=4, train_batch_size=2, max_length=32, energy_threshold=0.5,
+                mom2_dtype="float32", fisher_type="mc", mc_samples=1, projection_mode="both", early_stop_loss=0.01,
+                seed=0, chunk_size=None, edit_kfac_on_full_sequence=True, exclude_first_tokens=0,
+                edit_stats_weight=1.0)
     base.update(overrides)
     return SimpleNamespace(**base)
 
@@ -144,10 +146,10 @@ def test_sequential_chunks_merge_statistics_of_past_edits(monkeypatch):
     hp = hparams(chunk_size=2, num_steps=80, energy_threshold=0.9)
     factors = corpus_factors(model, hp, tok)
     seen = []
-    real_build = editing.build_projectors
-    monkeypatch.setattr(editing, "build_projectors", lambda f, *a, **k: seen.append(f) or real_build(f, *a, **k))
+    real_eigenbases = state_module._eigenbases_for
+    monkeypatch.setattr(state_module, "_eigenbases_for", lambda f, *a, **k: seen.append(f) or real_eigenbases(f, *a, **k))
     report = apply_crispedit(model, tok, FACTS, hp, factors=factors, progress=False)
-    assert report.chunks == 2 and len(seen) == 2
+    assert report.chunks == 2 and len(seen) == 2 and report.eigendecompositions == 2
     name = "model.layers.1.mlp.down_proj.weight"
     edit_tokens = sum(len(tokenize_edit(tok, f["prompt"], f["target_new"], 32)[0]) - 1 for f in FACTS[:2])
     assert seen[0] is factors

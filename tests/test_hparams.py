@@ -28,7 +28,9 @@ def test_defaults_match_the_documented_values() -> None:
     hp = make()
     assert hp.alg_name == "CrispEdit"
     assert hp.rewrite_module_tmp == "model.layers.{}.mlp.down_proj.weight"
-    assert (hp.num_steps, hp.lr, hp.weight_decay, hp.batch_size, hp.max_length) == (25, 5e-4, 0.0, 32, 128)
+    assert (hp.num_steps, hp.lr, hp.weight_decay, hp.max_length) == (25, 5e-4, 0.0, 128)
+    assert (hp.batch_size, hp.train_batch_size) == (1, 32)  # EasyEdit's edits per call; the paper's minibatch
+    assert (hp.curvature_at, hp.edit_stats_weight) == ("base", 1.0)
     assert (hp.energy_threshold, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_dtype) == (
         0.8, "wikipedia-offline", 64, "float32")
     assert (hp.fisher_type, hp.mc_samples, hp.projection_mode) == ("mc", 1, "both")
@@ -78,6 +80,9 @@ def test_every_field_has_help_text() -> None:
         ("lr", "inf", "lr must be a number > 0, got inf"),
         ("weight_decay", -0.1, "weight_decay must be a number >= 0, got -0.1"),
         ("batch_size", 0, "batch_size must be an integer >= 1"),
+        ("train_batch_size", 0, "train_batch_size must be an integer >= 1, got 0"),
+        ("curvature_at", "edited", "curvature_at must be one of 'base', 'current'; got 'edited'"),
+        ("edit_stats_weight", -1, "edit_stats_weight must be a number >= 0, got -1"),
         ("max_length", 1, "max_length must be an integer >= 2, got 1"),
         ("energy_threshold", 0.0, "energy_threshold must be a number > 0 and <= 1, got 0.0"),
         ("energy_threshold", 1.01, "energy_threshold must be a number > 0 and <= 1, got 1.01"),
@@ -275,11 +280,11 @@ def test_every_shipped_yaml_loads(path: Path) -> None:
 
 def test_paper_values_in_shipped_yaml() -> None:
     smol = CrispEditHyperParams.from_hparams(HPARAMS_DIR / "SmolLM2-135M-Instruct")
-    assert (smol.model_name, smol.layers, smol.energy_threshold, smol.lr, smol.num_steps, smol.batch_size,
+    assert (smol.model_name, smol.layers, smol.energy_threshold, smol.lr, smol.num_steps, smol.train_batch_size,
             smol.mom2_n_samples, smol.curvature_seq_len, smol.device) == (
         "smollm2-135m-instruct-offline", [14, 15, 16, 17, 18], 0.8, 5e-4, 25, 16, 64, 256, "cpu")
     llama = CrispEditHyperParams.from_hparams(HPARAMS_DIR / "llama3-8b-instruct")
-    assert (llama.layers, llama.mom2_n_samples, llama.energy_threshold, llama.batch_size, llama.lr,
+    assert (llama.layers, llama.mom2_n_samples, llama.energy_threshold, llama.train_batch_size, llama.lr,
             llama.num_steps, llama.early_stop_loss) == ([19, 20, 21, 22, 23], 10000, 0.7, 32, 5e-4, 25, 0.01)
     qwen = CrispEditHyperParams.from_hparams(HPARAMS_DIR / "qwen2.5-1.5b-instruct")
     assert (qwen.layers, qwen.mom2_n_samples, qwen.energy_threshold) == ([4, 5, 6], 1000, 0.7)

@@ -72,16 +72,6 @@ def test_bf16_weights_get_fp32_master_in_subspace():
     assert leak_fraction(delta, proj.project) < 1e-5
 
 
-def test_swapping_projections_reprojects_first_moment():
-    delta, proj, _ = run("both", steps=5)
-    W = torch.nn.Parameter(torch.randn(6, 8))
-    opt = ProjectedAdam([W], [None], mode="both", lr=1e-2)
-    W.grad = torch.randn(6, 8)
-    opt.step()
-    opt.set_projections([proj.project])
-    assert leak_fraction(opt.exp_avg[0], proj.project) < 1e-6
-
-
 def test_bad_mode_and_lr():
     W = torch.nn.Parameter(torch.zeros(2, 2))
     with pytest.raises(ValueError, match="projection_mode.*'gradient', 'update', 'both', 'none'"):

@@ -21,7 +21,7 @@ def test_smollm2_three_zsre_edits_land_and_keep_heldout_perplexity(tmp_path):
     requests = load_requests("zsre", SHARED_DATA / "zsre_train.json", 0, 3).requests
     hparams = CrispEditHyperParams.from_hparams("hparams/CrispEdit/SmolLM2-135M-Instruct.yaml")
     hparams = CrispEditHyperParams.from_dict(dict(
-        hparams.to_dict(), mom2_n_samples=16, curvature_seq_len=128, num_steps=40, lr=1e-3, batch_size=3,
+        hparams.to_dict(), mom2_n_samples=16, curvature_seq_len=128, num_steps=40, lr=1e-3, train_batch_size=3,
         cache_dir=str(tmp_path)))
     heldout = spread_windows(load_corpus("wikipedia-offline", split="heldout"), tok, 128, 8)
     batches = [{k: v[i : i + 4] for k, v in heldout.items()} for i in (0, 4)]

@@ -1,0 +1,549 @@
+"""The per-model edit state: the capability curvature and its eigenbases, computed once at the base weights, and
+the statistics of past edits that let CrispEdit-Seq (Algorithm 2) span calls.
+
+EasyEdit calls the apply function once per chunk of ``batch_size`` edits and, between calls, either restores the
+edit weights (GitHub main's default, PyPI with ``keep_original_weight=True``) or keeps them (main's
+``sequential_edit=True``, PyPI's default). The state attached to a model (held weakly, so it dies with the model)
+tells these apart by hashing the weights at the start of every call:
+
+* **first call** on a model (or on other edit layers): the current weights are the base weights theta_0.
+* ``"base"``: the weights equal theta_0 (EasyEdit restored them): a fresh Algorithm 1; past-edit statistics are
+  dropped.
+* ``"continue"``: the weights equal what the last call left: CrispEdit-Seq continues; the K-FAC statistics of all
+  past edits are merged into the protected curvature. Each chunk's statistics are collected on its prompt+target
+  sequences with the weights that chunk left: between the chunks of a call at once, and for a call's last chunk at
+  the start of the next call that continues the sequence (so calls whose weights EasyEdit restores pay nothing).
+* ``"foreign"``: anything else (someone else changed the weights): a WARNING, and the documented policy is to
+  continue as in ``"continue"`` (the past edits' statistics are kept, the capability curvature stays theta_0's);
+  :func:`reset_edit_state` forgets everything and makes the current weights the new theta_0.
+
+The capability curvature is looked up, in this order, in the state (per curvature settings), in the on-disk cache
+(``cache_dir``: K-FAC factors and, separately, their eigendecompositions as safetensors; the mask is derived per
+gamma), and only then collected, which is allowed only while the weights are theta_0 (``curvature_at: base``, the
+default) or at every call on the current weights (``curvature_at: current``).
+
+Eigendecompositions of the protected curvature (capability merged with past edits) are refreshed once at least
+``chunk_size`` edits (1 when ``chunk_size`` is None) have been added since the last refresh, so one chunk of a
+sequence is edited with the statistics of every earlier chunk, as in Algorithm 2, however EasyEdit cuts the calls.
+Memory stays O(d_in^2 + d_out^2) per layer however many edits accumulate: past edits are one running token-weighted
+mean per layer.
+
+The state can be saved and loaded (:func:`save_edit_state`, :func:`load_edit_state`: safetensors + JSON, no edit
+text) so a sequence resumes in a new process.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .curvature import (
+    FACTOR_DTYPES, CacheCorruptError, CacheMismatchError, FactorSet, KFACFactors, cache_path_for, collect_kfac_factors,
+    curvature_identity, identity_key, model_fingerprint, tokenizer_fingerprint,
+)
+from .projector import Eigenbasis
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "crispedit-edit-state"
+STATE_FORMAT_VERSION = 1
+EIGEN_FORMAT_VERSION = 1
+_META_KEY = "crispedit_easyedit"
+WEIGHT_STATUSES = ("first", "base", "continue", "foreign")
+
+_STATES: "weakref.WeakKeyDictionary[nn.Module, EditState]" = weakref.WeakKeyDictionary()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Capability curvature: factors and eigenbases, once per model and settings
+
+
+@dataclass
+class CapabilityCurvature:
+    """Capability K-FAC factors of the edit weights at theta_0, and their Kronecker eigenbases.
+
+    Attributes:
+        identity: everything that determines the factors (the cache key is its hash; no machine path in it).
+        factors: the FactorSet (on the model's device).
+        eigenbases: {parameter path: Eigenbasis} (on each edit weight's device, in ``mom2_dtype``).
+        source: where the factors came from in *this* call: "collected", "disk cache" or "in process".
+        eigen_source: likewise for the eigenbases: "computed", "disk cache" or "in process".
+        on_disk: whether the factors are in the disk cache (so a saved edit state need not hold them).
+    """
+
+    identity: dict[str, Any]
+    factors: FactorSet
+    eigenbases: dict[str, Eigenbasis]
+    source: str
+    eigen_source: str
+    on_disk: bool = False
+
+    @property
+    def key(self) -> str:
+        return identity_key(self.identity)
+
+
+def capability_identity(model_fp: Mapping[str, Any], tok, hparams, targets) -> dict[str, Any]:
+    """The curvature identity for ``hparams`` on a model with fingerprint ``model_fp`` (portable: weights hash,
+    corpus key and tokenizer *content* hash; no model name or path)."""
+    from .corpora import corpus_key
+
+    names = [t.name for t in targets]
+    corpus = (f"{corpus_key(hparams.mom2_dataset, 'stats')}|tokenizer={tokenizer_fingerprint(tok)}"
+              f"|vocab={len(tok)}")
+    weights = {"weights_sha256": model_fp["weights_sha256"], "revision": model_fp.get("revision")}
+    return curvature_identity(weights, names, {t.name: t.shape for t in targets}, corpus, hparams.mom2_n_samples,
+                              hparams.curvature_seq_len, hparams.fisher_type, hparams.mc_samples, hparams.mom2_dtype,
+                              hparams.exclude_first_tokens, hparams.seed)
+
+
+def _collect_capability(model, tok, hparams, targets, progress: bool) -> FactorSet:
+    from .corpora import corpus_sequences
+
+    logger.info("collecting capability curvature (%s, %d sequences x %d tokens, fisher %s)", hparams.mom2_dataset,
+                hparams.mom2_n_samples, hparams.curvature_seq_len, hparams.fisher_type)
+    packed = corpus_sequences(hparams.mom2_dataset, tok, hparams.curvature_seq_len, hparams.mom2_n_samples)
+    size = hparams.curvature_batch_size
+    batches = [{key: value[i : i + size] for key, value in packed.items()}
+               for i in range(0, packed["input_ids"].shape[0], size)]
+    return collect_kfac_factors(
+        model, [t.name for t in targets], batches, fisher_type=hparams.fisher_type, mc_samples=hparams.mc_samples,
+        dtype=FACTOR_DTYPES[hparams.mom2_dtype], seed=hparams.seed, exclude_first_tokens=hparams.exclude_first_tokens,
+        progress=progress)
+
+
+def eigen_cache_path(cache_dir: str | os.PathLike, identity: Mapping[str, Any], dtype: str) -> Path:
+    """``{cache_dir}/eig-<key>.safetensors``: the eigendecompositions of the factors with this identity."""
+    key = hashlib.sha256(f"{identity_key(identity)}|{dtype}|{EIGEN_FORMAT_VERSION}".encode()).hexdigest()[:24]
+    return Path(cache_dir).expanduser() / f"eig-{key}.safetensors"
+
+
+def save_eigenbases(path: str | os.PathLike, eigenbases: Mapping[str, Eigenbasis], metadata: Mapping[str, Any]) -> Path:
+    """Write eigenvalues and eigenvectors of every layer to a safetensors file, atomically."""
+    tensors = {}
+    for name, basis in eigenbases.items():
+        tensors[f"{name}::eig_in"], tensors[f"{name}::basis_in"] = basis.eig_in, basis.basis_in
+        if basis.eig_out is not None:
+            tensors[f"{name}::eig_out"], tensors[f"{name}::basis_out"] = basis.eig_out, basis.basis_out
+    meta = dict(metadata, layers={n: b.out_features for n, b in eigenbases.items()}, package_version=__version__)
+    return _save_tensors(path, tensors, meta)
+
+
+def load_eigenbases(path: str | os.PathLike, expected: Mapping[str, Any],
+                    devices: Mapping[str, torch.device]) -> dict[str, Eigenbasis]:
+    """Read :func:`save_eigenbases` output, checking ``expected`` metadata; raises CacheMismatchError/CorruptError."""
+    tensors, meta = _load_tensors(path)
+    for key, value in expected.items():
+        if meta.get(key, "<missing>") != value:
+            raise CacheMismatchError(path, key, value, meta.get(key, "<missing>"))
+    out = {}
+    for name, device in devices.items():
+        try:
+            eig_out = tensors.get(f"{name}::eig_out")
+            out[name] = Eigenbasis(tensors[f"{name}::eig_in"].to(device), tensors[f"{name}::basis_in"].to(device),
+                                   None if eig_out is None else eig_out.to(device),
+                                   None if eig_out is None else tensors[f"{name}::basis_out"].to(device),
+                                   int(meta["layers"][name]))
+        except KeyError as exc:
+            raise CacheCorruptError(f"eigenbasis cache {path} lacks {exc.args[0]!r}") from exc
+    return out
+
+
+def _save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={_META_KEY: json.dumps(metadata, sort_keys=True, default=str)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            raw = (handle.metadata() or {}).get(_META_KEY)
+            if raw is None:
+                raise CacheCorruptError(f"{path} is a safetensors file without crispedit_easyedit metadata")
+            return {key: handle.get_tensor(key) for key in handle.keys()}, json.loads(raw)
+    except CacheCorruptError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        raise CacheCorruptError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _eigenbases_for(factors: FactorSet, targets, dtype: torch.dtype) -> dict[str, Eigenbasis]:
+    return {t.name: Eigenbasis.from_factors(factors[t.name].A.to(t.param.device), factors[t.name].S.to(t.param.device),
+                                            dtype) for t in targets}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The per-model state
+
+
+@dataclass
+class UnrecordedChunk:
+    """The last edited chunk of a call, whose K-FAC statistics are collected when the next call continues the
+    sequence (in memory only; never saved)."""
+
+    requests: list[dict[str, Any]]
+    hparams: Any
+    seed: int
+
+
+@dataclass
+class ProtectedBasis:
+    """Eigenbases of the capability factors merged with the past edits' statistics, as of the last refresh."""
+
+    capability_key: str
+    weight: float
+    edits: FactorSet
+    eigenbases: dict[str, Eigenbasis] | None = None  # built lazily (after a load)
+
+
+class EditState:
+    """What CrispEdit keeps about one model between calls (see the module docstring).
+
+    Attributes:
+        param_names: the edit weights this state is about.
+        base_fingerprint: the model fingerprint at theta_0 (``weights_sha256`` hashes the edit weights completely).
+        last_digest: the weights hash the last successful call left behind (None before the first call).
+        curvatures: {identity key: CapabilityCurvature} computed or loaded in this process.
+        past_edits: token-weighted mean K-FAC statistics of every past edit chunk of the current sequence, or None.
+        protected: the protected eigenbases as of the last refresh, or None.
+        num_edits, num_chunks: edits and chunks in the current sequence; pending_edits: edits since the refresh.
+        last_capability: the identity of the capability curvature the last call used.
+    """
+
+    def __init__(self, param_names: Sequence[str], base_fingerprint: Mapping[str, Any]):
+        self.param_names = list(param_names)
+        self.base_fingerprint = dict(base_fingerprint)
+        self.last_digest: str | None = None
+        self.curvatures: dict[str, CapabilityCurvature] = {}
+        self.past_edits: FactorSet | None = None
+        self.protected: ProtectedBasis | None = None
+        self.num_edits = 0
+        self.num_chunks = 0
+        self.pending_edits = 0
+        self.last_capability: dict[str, Any] | None = None
+        self.unrecorded: UnrecordedChunk | None = None
+
+    @property
+    def base_digest(self) -> str:
+        return self.base_fingerprint["weights_sha256"]
+
+    # ---- transactions: a failed call leaves the state as it was -------------------------------------------------
+    _SEQUENCE_FIELDS = ("last_digest", "past_edits", "protected", "num_edits", "num_chunks", "pending_edits",
+                        "last_capability", "unrecorded")
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._SEQUENCE_FIELDS}
+
+    def rollback(self, checkpoint: Mapping[str, Any]) -> None:
+        for name, value in checkpoint.items():
+            setattr(self, name, value)
+
+    def start_sequence(self) -> None:
+        """Forget the past edits (a fresh Algorithm 1 from theta_0)."""
+        self.past_edits, self.protected, self.unrecorded = None, None, None
+        self.num_edits = self.num_chunks = self.pending_edits = 0
+
+    def classify(self, digest: str) -> str:
+        """``"base"``, ``"continue"`` or ``"foreign"`` for weights with hash ``digest`` (see the module docstring)."""
+        if digest == self.base_digest:
+            return "base"
+        if digest == self.last_digest:
+            return "continue"
+        return "foreign"
+
+    # ---- capability curvature -----------------------------------------------------------------------------------
+    def capability(self, model: nn.Module, tok, hparams, targets, current_fp: Mapping[str, Any],
+                   progress: bool = True) -> CapabilityCurvature:
+        """The capability curvature for ``hparams``: from this state, the disk cache, or collected (see module doc).
+
+        Raises:
+            ValueError: the curvature must be collected at theta_0 but the edit weights no longer hold theta_0.
+        """
+        at_base = hparams.curvature_at == "base"
+        model_fp = self.base_fingerprint if at_base else current_fp
+        identity = capability_identity(model_fp, tok, hparams, targets)
+        key = identity_key(identity)
+        if key in self.curvatures:
+            found = self.curvatures[key]
+            return CapabilityCurvature(found.identity, found.factors, found.eigenbases, "in process", "in process",
+                                       found.on_disk)
+        device = next(model.parameters()).device
+        path = cache_path_for(hparams.cache_dir, identity) if hparams.cache_dir else None
+        if path is not None and path.exists():
+            logger.info("loading capability curvature from %s", path)
+            factors, source = FactorSet.load(path, expected=identity, device=device), "disk cache"
+        else:
+            if current_fp["weights_sha256"] != model_fp["weights_sha256"]:
+                raise ValueError(
+                    "the capability curvature for these settings is neither in this process nor in the disk cache, "
+                    "and the edit weights no longer hold the base weights it must be collected at (curvature_at: "
+                    "base). Use the curvature settings of the earlier calls, restore the base weights, set "
+                    "curvature_at: current, or call reset_edit_state(model) to make the current weights the base.")
+            factors, source = _collect_capability(model, tok, hparams, targets, progress), "collected"
+            factors.metadata.update(identity)
+            if path is not None:
+                factors.save(path)
+                logger.info("cached capability curvature at %s", path)
+        eigenbases, eigen_source = self._capability_eigenbases(factors, identity, hparams, targets)
+        curvature = CapabilityCurvature(identity, factors, eigenbases, source, eigen_source, path is not None)
+        self.curvatures[key] = curvature
+        return curvature
+
+    @staticmethod
+    def _capability_eigenbases(factors: FactorSet, identity, hparams, targets) -> tuple[dict[str, Eigenbasis], str]:
+        dtype = FACTOR_DTYPES[hparams.mom2_dtype]
+        path = eigen_cache_path(hparams.cache_dir, identity, hparams.mom2_dtype) if hparams.cache_dir else None
+        expected = {"factors_key": identity_key(identity), "dtype": hparams.mom2_dtype}
+        if path is not None and path.exists():
+            logger.info("loading capability eigenbases from %s", path)
+            return load_eigenbases(path, expected, {t.name: t.param.device for t in targets}), "disk cache"
+        eigenbases = _eigenbases_for(factors, targets, dtype)
+        if path is not None:
+            save_eigenbases(path, eigenbases, expected)
+            logger.info("cached capability eigenbases at %s", path)
+        return eigenbases, "computed"
+
+    # ---- past edits (CrispEdit-Seq) -----------------------------------------------------------------------------
+    def add_statistics(self, statistics: FactorSet, num_edits: int) -> None:
+        """Merge the K-FAC statistics of ``num_edits`` past edits into the running token-weighted mean."""
+        self.past_edits = statistics if self.past_edits is None else self.past_edits.merge(statistics)
+        self.pending_edits += num_edits
+
+    def record_unrecorded(self, model: nn.Module, tok, targets) -> bool:
+        """Collect the statistics of the previous call's last chunk on the current weights (see ``unrecorded``).
+
+        They are collected lazily, at the start of the next call that continues the sequence (the weights are then
+        those the chunk left), so that calls whose weights EasyEdit restores pay nothing for them.
+
+        Returns:
+            whether statistics were collected.
+        """
+        from .editing import edit_statistics
+
+        pending, self.unrecorded = self.unrecorded, None
+        if pending is None:
+            return False
+        statistics = edit_statistics(model, tok, pending.requests, pending.hparams, targets, seed=pending.seed)
+        self.add_statistics(statistics, len(pending.requests))
+        return True
+
+    def protected_eigenbases(self, curvature: CapabilityCurvature, hparams, targets) -> tuple[dict[str, Eigenbasis],
+                                                                                            bool]:
+        """Eigenbases to project with: the capability's alone, or of the capability merged with past edits.
+
+        The merged eigenbases are recomputed when ``chunk_size`` (or, without it, 1) edits were added since the last
+        refresh (the start of the sequence counts as one), or when the capability curvature or
+        ``edit_stats_weight`` changed.
+
+        Returns:
+            ({parameter path: Eigenbasis}, whether an eigendecomposition was done now).
+        """
+        if self.past_edits is None:
+            return curvature.eigenbases, False
+        weight = float(hparams.edit_stats_weight)
+        protected = self.protected
+        due = self.pending_edits >= (hparams.chunk_size or 1) or (
+            protected is not None and (protected.capability_key != curvature.key or protected.weight != weight))
+        if not due and protected is None:  # fewer than chunk_size edits since the start of the sequence
+            return curvature.eigenbases, False
+        if due:
+            protected = ProtectedBasis(curvature.key, weight, self.past_edits)
+            self.pending_edits = 0
+        fresh = protected.eigenbases is None
+        if fresh:
+            merged = curvature.factors.merge(protected.edits, weight=weight)
+            protected.eigenbases = _eigenbases_for(merged, targets, FACTOR_DTYPES[hparams.mom2_dtype])
+        self.protected = protected
+        return protected.eigenbases, fresh
+
+
+def edit_state(model: nn.Module) -> EditState | None:
+    """The state CrispEdit keeps for ``model``, or None before its first edit."""
+    return _STATES.get(model)
+
+
+def reset_edit_state(model: nn.Module) -> None:
+    """Forget everything about ``model``: its next edit takes the current weights as theta_0."""
+    _STATES.pop(model, None)
+
+
+def attach_state(model: nn.Module, param_names: Sequence[str]) -> tuple[EditState, str, dict[str, Any]]:
+    """The model's state for these edit weights and how its current weights relate to it.
+
+    Returns:
+        (state, status in WEIGHT_STATUSES, the current model fingerprint).
+    """
+    fingerprint = model_fingerprint(model, param_names)
+    state = _STATES.get(model)
+    if state is not None and state.param_names != list(param_names):
+        logger.info("edit weights changed from %s to %s: a new edit state with the current weights as theta_0",
+                    state.param_names, list(param_names))
+        state = None
+    if state is None:
+        state = EditState(param_names, fingerprint)
+        _STATES[model] = state
+        return state, "first", fingerprint
+    status = state.classify(fingerprint["weights_sha256"])
+    if status == "foreign":
+        logger.warning(
+            "the edit weights are neither the base weights nor what the last CrispEdit call left (someone else "
+            "changed them). Continuing the sequence: the statistics of the %d past edits stay protected and the "
+            "capability curvature stays that of the base weights. Call crispedit_easyedit.reset_edit_state(model) "
+            "to take the current weights as the new base instead.", state.num_edits)
+    return state, status, fingerprint
+
+
+def capability_curvature(model: nn.Module, tok, hparams, progress: bool = True) -> CapabilityCurvature:
+    """The capability curvature CrispEdit uses for ``model`` and ``hparams`` (attaching the state if needed)."""
+    from .editing import edit_targets
+
+    targets = edit_targets(model, hparams)
+    state, _, fingerprint = attach_state(model, [t.name for t in targets])
+    return state.capability(model, tok, hparams, targets, fingerprint, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def save_edit_state(model: nn.Module, tok, path: str | os.PathLike, include_capability: bool | None = None) -> Path:
+    """Save ``model``'s edit state (safetensors + JSON metadata; no edit text) so a sequence can resume elsewhere.
+
+    The statistics of the last edited chunk are collected first if they are still pending (this needs the weights
+    that chunk left and the tokenizer).
+
+    Args:
+        tok: the model's tokenizer.
+        include_capability: also store the capability factors; None (default) stores them only when they were not
+            read from or written to a disk cache (``cache_dir`` None), because the loader finds them there by key.
+
+    Raises:
+        ValueError: the model has no edit state yet.
+    """
+    state = _STATES.get(model)
+    if state is None or state.last_capability is None:
+        raise ValueError("this model has no CrispEdit edit state to save: edit it first")
+    if state.unrecorded is not None:
+        if model_fingerprint(model, state.param_names)["weights_sha256"] != state.last_digest:
+            raise ValueError("the statistics of the last edited chunk are still to be collected, and that needs the "
+                             "weights the last call left; save the state before changing or restoring the weights")
+        from .editing import edit_targets
+
+        state.record_unrecorded(model, tok, edit_targets(model, state.unrecorded.hparams))
+    curvature = state.curvatures.get(identity_key(state.last_capability))
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(prefix: str, factors: FactorSet | None) -> dict[str, int] | None:
+        if factors is None:
+            return None
+        for name, f in factors.factors.items():
+            tensors[f"{prefix}::{name}::A"], tensors[f"{prefix}::{name}::S"] = f.A, f.S
+        return {name: f.num_tokens for name, f in factors.factors.items()}
+
+    if include_capability is None:
+        include_capability = curvature is not None and not curvature.on_disk
+    meta = {
+        "format": STATE_FORMAT, "format_version": STATE_FORMAT_VERSION, "package_version": __version__,
+        "param_names": state.param_names, "base_fingerprint": state.base_fingerprint,
+        "last_digest": state.last_digest, "num_edits": state.num_edits, "num_chunks": state.num_chunks,
+        "pending_edits": state.pending_edits, "capability_identity": state.last_capability,
+        "past_edits_tokens": put("past", state.past_edits),
+        "protected": None if state.protected is None else {
+            "capability_key": state.protected.capability_key, "weight": state.protected.weight,
+            "tokens": put("protected", state.protected.edits)},
+        "capability_tokens": put("capability", curvature.factors) if include_capability and curvature else None,
+    }
+    saved = _save_tensors(path, tensors, meta)
+    logger.info("saved the edit state (%d edits in %d chunks) to %s", state.num_edits, state.num_chunks, saved)
+    return saved
+
+
+def load_edit_state(model: nn.Module, path: str | os.PathLike) -> EditState:
+    """Attach a state written by :func:`save_edit_state` to ``model``, whose weights must be the ones it left.
+
+    Raises:
+        ValueError: the file is not an edit state, names weights the model lacks, or the model's weights are not
+            the weights the saved sequence left behind (nor its base weights).
+    """
+    tensors, meta = _load_tensors(path)
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a CrispEdit edit state (format {meta.get('format')!r})")
+    if meta.get("format_version") != STATE_FORMAT_VERSION:
+        raise ValueError(f"{path} has edit-state format {meta.get('format_version')!r}; this version reads "
+                         f"{STATE_FORMAT_VERSION}")
+    names = list(meta["param_names"])
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"the edit state {path} is about weights this model lacks: {missing}")
+    digest = model_fingerprint(model, names)["weights_sha256"]
+    if digest not in (meta["last_digest"], meta["base_fingerprint"]["weights_sha256"]):
+        raise ValueError(f"the model's weights are neither those the saved sequence left behind "
+                         f"({meta['last_digest'][:12]}...) nor its base weights "
+                         f"({meta['base_fingerprint']['weights_sha256'][:12]}...), but {digest[:12]}...: apply the "
+                         "saved edits first (or load the state into the model it was saved from)")
+    device = params[names[0]].device
+
+    def get(prefix: str, tokens: Mapping[str, int] | None) -> FactorSet | None:
+        if tokens is None:
+            return None
+        try:
+            return FactorSet({n: KFACFactors(tensors[f"{prefix}::{n}::A"].to(device), tensors[f"{prefix}::{n}::S"]
+                                             .to(device), int(tokens[n])) for n in names}, {})
+        except KeyError as exc:
+            raise CacheCorruptError(f"edit state {path} lacks {exc.args[0]!r}") from exc
+
+    state = EditState(names, meta["base_fingerprint"])
+    state.last_digest = meta["last_digest"]
+    state.num_edits, state.num_chunks = int(meta["num_edits"]), int(meta["num_chunks"])
+    state.pending_edits = int(meta["pending_edits"])
+    state.last_capability = meta["capability_identity"]
+    state.past_edits = get("past", meta["past_edits_tokens"])
+    if meta["protected"] is not None:
+        state.protected = ProtectedBasis(meta["protected"]["capability_key"], float(meta["protected"]["weight"]),
+                                         get("protected", meta["protected"]["tokens"]))
+    capability = get("capability", meta["capability_tokens"])
+    if capability is not None:
+        capability.metadata.update(meta["capability_identity"])
+        state.curvatures[identity_key(meta["capability_identity"])] = _loaded_curvature(meta, capability, model)
+    _STATES[model] = state
+    logger.info("loaded an edit state (%d edits in %d chunks) from %s", state.num_edits, state.num_chunks, path)
+    return state
+
+
+def _loaded_curvature(meta: Mapping[str, Any], factors: FactorSet, model: nn.Module) -> CapabilityCurvature:
+    identity = copy.deepcopy(dict(meta["capability_identity"]))
+    params = dict(model.named_parameters())
+    dtype = FACTOR_DTYPES[identity["dtype"]]
+    eigenbases = {name: Eigenbasis.from_factors(f.A.to(params[name].device), f.S.to(params[name].device), dtype)
+                  for name, f in factors.factors.items()}
+    return CapabilityCurvature(identity, factors, eigenbases, "edit state file", "computed")
