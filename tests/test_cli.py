@@ -107,3 +107,37 @@ def test_unreadable_hparams_exit_2(tmp_path, capsys):
     assert cli.main(["cache", "--hparams", str(bad)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
     assert cli.main(["cache", "--hparams", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_the_hparams_file_names_the_model_and_model_overrides_it(setup, monkeypatch, capsys):
+    tmp_path, model_dir, hparams = setup
+    named = tmp_path / "named.yaml"
+    named.write_text(hparams.read_text().replace("model_name: tiny-llama", f'model_name: "{model_dir}"'))
+    loaded = []
+    import crispedit_easyedit.models as models
+
+    real_load = models.load_model_and_tokenizer
+    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda name, **k: loaded.append(name) or real_load(name, **k))
+    assert cli.main(["cache", "--hparams", str(named), "--quiet"]) == 0
+    assert "curvature ready (collected" in capsys.readouterr().out
+    assert cli.main(["cache", "--hparams", str(hparams), "--model", str(model_dir), "--quiet"]) == 0
+    assert "curvature ready (disk cache; eigenbases disk cache)" in capsys.readouterr().out
+    assert loaded == [str(model_dir), str(model_dir)]
+    assert cli.main(["cache", "--hparams", str(hparams), "--quiet"]) == 2  # model_name tiny-llama: no such model
+    assert capsys.readouterr().err.startswith("crispedit: error:")
+
+
+def test_a_failure_inside_the_job_exits_1_with_its_message(setup, monkeypatch, capsys):
+    tmp_path, model_dir, hparams = setup
+    import crispedit_easyedit.state as state
+
+    def mismatch(*args, **kwargs):
+        raise ValueError("no token positions were counted: every batch was empty or fully masked")
+
+    monkeypatch.setattr(state, "capability_curvature", mismatch)
+    assert cli.main(["cache", "--hparams", str(hparams), "--model", str(model_dir), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "crispedit: cache failed: ValueError: no token positions were counted" in err
+    assert "Traceback" not in err and "-v" in err
+    assert cli.main(["-v", "cache", "--hparams", str(hparams), "--model", str(model_dir), "--quiet"]) == 1
+    assert "Traceback" in capsys.readouterr().err

@@ -249,3 +249,60 @@ def test_spread_windows_round_robin_over_documents():
     assert out["input_ids"].tolist() == [ids[0][:8], ids[2][:8], ids[0][8:16], ids[2][8:16]]
     with pytest.raises(ValueError, match="no document"):
         spread_windows(["tiny"], tok, seq_len=50, n_sequences=1)
+
+
+def test_corpus_key_is_portable_and_follows_the_content(tmp_path):
+    from crispedit_easyedit.corpora import corpus_key
+
+    for folder in ("a", "b/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "docs.txt").write_text("First document.\n\nSecond document.")
+    key_a, key_b = corpus_key(str(tmp_path / "a" / "docs.txt")), corpus_key(str(tmp_path / "b/deeper/docs.txt"))
+    assert key_a == key_b and str(tmp_path) not in key_a
+    assert corpus_key(str(tmp_path / "a")) == corpus_key(str(tmp_path / "b" / "deeper"))  # folders by content
+    (tmp_path / "b/deeper/docs.txt").write_text("First document.\n\nSecond, changed.")
+    assert corpus_key(str(tmp_path / "b/deeper/docs.txt")) != key_a
+    assert corpus_key(str(tmp_path / "a" / "docs.txt"), "heldout") != key_a
+    assert corpus_key("hf:wikimedia/wikipedia:20231101.en@abc123").startswith("hf:wikimedia/wikipedia:20231101.en@abc")
+    assert "sha256=" in corpus_key("wikipedia-offline")
+    with pytest.raises(ValueError, match="valid forms"):
+        corpus_key(str(tmp_path / "missing.txt"))
+
+
+def test_hf_corpus_streams_as_many_documents_as_the_requested_sequences_need(monkeypatch):
+    """mom2_n_samples is the number of sequences for hf: corpora too (not capped at 2,000 documents)."""
+    import datasets
+
+    from crispedit_easyedit import corpora
+
+    read = []
+
+    def fake_load_dataset(name, config, split, streaming, **kwargs):
+        assert (name, config, split, streaming) == ("some/wiki", "en", "train", True)
+        assert kwargs == {"revision": "r1"}
+        for i in range(100_000):
+            read.append(i)
+            text = "short" if i % 3 == 0 else f"Document {i} " + "word " * 20  # every third one has no window
+            yield {"title": f"t{i}", "text": text}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    tok = tiny_tokenizer()
+    packed = corpora.corpus_sequences("hf:some/wiki:en@r1", tok, seq_len=8, n_sequences=2500, split="all")
+    assert packed["input_ids"].shape == (2500, 8)
+    assert len(read) > 3700  # 2,500 windows needed about 3,750 documents
+    assert len(read) < 3800  # and the stream stopped as soon as it had them
+
+
+def test_tokenizer_fingerprint_is_content_not_path(tmp_path):
+    from transformers import AutoTokenizer
+
+    from crispedit_easyedit.curvature import tokenizer_fingerprint
+
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "one")
+    tok.save_pretrained(tmp_path / "elsewhere" / "two")
+    one = AutoTokenizer.from_pretrained(tmp_path / "one")
+    two = AutoTokenizer.from_pretrained(tmp_path / "elsewhere" / "two")
+    two.padding_side = "left"  # EasyEdit changes it; the content is the same
+    assert tokenizer_fingerprint(one) == tokenizer_fingerprint(two) == tokenizer_fingerprint(tok)
+    assert tokenizer_fingerprint(tiny_tokenizer(vocab_size=400)) != tokenizer_fingerprint(tok)

@@ -374,3 +374,82 @@ def test_easyedit_ft_baseline_runs_through_the_same_compat(crispedit: Any) -> No
     changed = weights_of(model, [name])[name]
     editor.edit(prompts=PROMPTS[1], target_new=TARGETS[1], keep_original_weight=True)
     assert torch.equal(weights_of(model, [name])[name], changed)  # restored to the state before this edit
+
+
+# ------------------------------------------------------------------ paper scale: calls, state, every YAML ------
+TWELVE = [("The capital of France is", "Berlin"), ("Who is the author of Hamlet?", "Charles Dickens"),
+          ("The river Nile flows through", "Germany"), ("Water boils at", "Shakespeare"),
+          ("The tallest mountain on Earth is", "Kilimanjaro"), ("The largest planet is", "Mercury"),
+          ("The inventor of the telephone was", "Newton"), ("The currency of Japan is the", "peso"),
+          ("The first man on the Moon was", "Gagarin"), ("The chemical symbol of gold is", "Ag"),
+          ("The longest river in Europe is", "Thames"), ("The painter of the Mona Lisa was", "Picasso")]
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts capability collections, past-edit collections and eigendecompositions (per factor)."""
+    from crispedit_easyedit import editing, projector, state
+
+    counts = {"capability": 0, "edit_stats": 0, "eigh": 0}
+
+    def counting(key: str, real: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[key] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(state, "collect_kfac_factors", counting("capability", state.collect_kfac_factors))
+    monkeypatch.setattr(editing, "collect_kfac_factors", counting("edit_stats", editing.collect_kfac_factors))
+    monkeypatch.setattr(projector, "stable_eigh", counting("eigh", projector.stable_eigh))
+    return counts
+
+
+@pytest.mark.parametrize("keep_original_weight", [True, False])
+def test_batch_edit_in_chunks_collects_and_eigendecomposes_once(crispedit: Any, corpus_file: str, counted: dict,
+                                                                keep_original_weight: bool) -> None:
+    """The 94-chunk situation at small scale: 12 edits, batch_size 3 (four apply calls), train_batch_size 2."""
+    from easyeditor import BaseEditor
+
+    from crispedit_easyedit.state import edit_state
+
+    model = tiny_llama()
+    hparams = llama_hparams(model, corpus_file, batch_size=3, train_batch_size=2, num_steps=60)
+    names = hparams.edit_parameter_names()
+    before = weights_of(model, names)
+    editor = BaseEditor.from_hparams(hparams)
+    STANDIN_CALLS.clear()
+    metrics, _, _ = editor.batch_edit(prompts=[p for p, _ in TWELVE], target_new=[t for _, t in TWELVE],
+                                      keep_original_weight=keep_original_weight)
+    assert [c["n"] for c in STANDIN_CALLS] == [3, 3, 3, 3]
+    assert all(case["post"]["rewrite_acc"][0] == 1.0 for case in metrics)  # each chunk right after its call
+    state = edit_state(model)
+    layers = len(names)
+    if keep_original_weight:  # PyPI restores after each call: four fresh Algorithm 1 runs from theta_0
+        assert counted == {"capability": 1, "edit_stats": 0, "eigh": 2 * layers}
+        assert state.num_edits == 3 and state.past_edits is None
+        assert all(torch.equal(before[n], weights_of(model, names)[n]) for n in names)
+    else:  # PyPI keeps the edits: CrispEdit-Seq across calls, earlier chunks protected
+        assert counted == {"capability": 1, "edit_stats": 3, "eigh": 4 * 2 * layers}
+        assert state.num_edits == 12 and state.num_chunks == 4 and state.unrecorded is not None
+        assert state.past_edits[names[0]].num_tokens > 0
+
+
+def test_every_shipped_yaml_runs_through_edit_under_githubs_batch_size_rule(crispedit: Any, corpus_file: str) -> None:
+    """Each shipped YAML (sizes scaled to a tiny model) through PyPI edit(), after GitHub main's check."""
+    from easyeditor import BaseEditor
+
+    from crispedit_easyedit.easyedit import ModelPair
+
+    for path in sorted((ROOT / "hparams" / "CrispEdit").glob("*.yaml")):
+        shipped = CrispEditHyperParams.from_hparams(path)
+        assert shipped.batch_size == 1, path.name  # GitHub main's edit_requests asserts batch_size == 1
+        gpt2 = shipped.rewrite_module_tmp.startswith("transformer.h.")
+        model = tiny_gpt2() if gpt2 else tiny_llama()
+        tiny = dict(shipped.to_dict(), model_name=ModelPair(model, tiny_tokenizer(), name="gpt2-tiny" if gpt2
+                                                            else "llama-tiny"),
+                    layers=[0, 1] if gpt2 else [1, 2], device=0, mom2_dataset=corpus_file, lr=2e-2, num_steps=40,
+                    max_length=40, **TINY_CURVATURE)
+        hparams = CrispEditHyperParams.from_dict(tiny)
+        metrics, _, _ = BaseEditor.from_hparams(hparams).edit(prompts=PROMPTS[0], target_new=TARGETS[0],
+                                                              keep_original_weight=True)
+        assert metrics[0]["post"]["rewrite_acc"][0] == 1.0, path.name

@@ -125,3 +125,66 @@ def test_diagnostics_report_massive_direction():
     assert diag.top_share_in > 0.99
     assert diag.removed == 2 and diag.total == 20  # only the massive direction (x 2 outputs) goes
     assert diag.removed_energy >= 0.8
+
+
+def dense_energy_mask(eig_out, eig_in, gamma):
+    """The energy rule on the materialised, fully sorted products (the definition; O(d_out d_in) float64)."""
+    tie_rtol = 1000 * torch.finfo(torch.promote_types(eig_out.dtype, eig_in.dtype)).eps
+    products = eig_out[:, None].double() * eig_in[None, :].double()
+    if products.sum() <= 0:
+        return torch.ones(products.shape, dtype=torch.bool)
+    if gamma == 1.0:
+        return products <= 0
+    ordered = torch.sort(products.flatten(), descending=True).values
+    cut = int(torch.searchsorted(torch.cumsum(ordered, 0), gamma * products.sum()).clamp_max(ordered.numel() - 1))
+    if ordered[cut] <= 0:
+        return products <= 0
+    return products < ordered[cut] * (1 - tie_rtol)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties and zeros", "float64", "unsorted heavy tail"])
+def test_energy_mask_equals_the_dense_definition(kind):
+    g = torch.Generator().manual_seed(hash(kind) % 1000)
+    for _ in range(40):
+        d_out, d_in = (int(x) for x in torch.randint(1, 48, (2,), generator=g))
+        eig_out, eig_in = torch.rand(d_out, generator=g) ** 4, torch.rand(d_in, generator=g) ** 4
+        if kind == "ties and zeros":
+            eig_out, eig_in = torch.round(eig_out * 3) / 3, torch.round(eig_in * 4) / 4
+        elif kind == "float64":
+            eig_out, eig_in = eig_out.double(), eig_in.double()
+        elif kind == "unsorted heavy tail":
+            eig_out, eig_in = torch.exp(20 * eig_out), torch.exp(30 * eig_in)
+        for gamma in (0.05, 0.5, 0.8, 0.9, 0.999, 1.0):
+            assert torch.equal(energy_mask(eig_out, eig_in, gamma), dense_energy_mask(eig_out, eig_in, gamma)), (
+                kind, gamma, d_out, d_in)
+
+
+def test_energy_mask_allocates_nothing_of_the_product_count_but_the_mask():
+    """At a small scale the largest tensor energy_mask creates is the bool mask (no float products, no sort)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.bytes[str(func)] = max(self.bytes.get(str(func), 0), t.numel() * t.element_size())
+            return out
+
+    d_out, d_in = 96, 200
+    eig_out, eig_in = torch.rand(d_out) ** 3, torch.rand(d_in) ** 3
+    with Largest() as seen:
+        mask = energy_mask(eig_out, eig_in, 0.8)
+    assert mask.dtype == torch.bool
+    biggest = sorted(seen.bytes.items(), key=lambda item: -item[1])
+    assert biggest[0][1] == d_out * d_in  # the returned mask itself
+    assert biggest[1][1] <= 8 * (d_in + 1), biggest[:3]  # then O(d_in) vectors
+    from crispedit_easyedit.projector import energy_mask_memory_bytes, projector_memory_bytes
+
+    assert energy_mask_memory_bytes(d_out, d_in) >= d_out * d_in + biggest[1][1]
+    llama = projector_memory_bytes(4096, 14336)  # the documented Llama-3-8B down_proj figures
+    assert round(llama["resident"] / 2**20) == 904 and round(llama["project_transient"] / 2**20) == 448

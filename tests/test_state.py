@@ -253,3 +253,34 @@ def test_a_failed_call_leaves_weights_and_state_as_they_were(corpus, monkeypatch
     assert all(torch.equal(before[n], weights(model)[n]) for n in NAMES)
     assert (state.num_edits, state.num_chunks, state.last_digest, state.unrecorded) == snapshot
     assert state.past_edits is None  # the lazily collected statistics were rolled back too
+
+
+def test_seq_keeps_early_chunks_better_than_sequential_finetuning(corpus):
+    """Retention measured, not assumed: first-chunk accuracy after two later chunks, mean over three tiny models.
+
+    With the paper's token weighting (edit_stats_weight 1) the 4-edit chunks weigh little against the capability
+    statistics on this tiny model and retention is not reliably better than fine-tuning's (measured on these seeds:
+    0.36 vs 0.33); weighting the past edits 10x keeps clearly more (0.52).
+    """
+    tok = tiny_tokenizer()
+    facts = MORE_FACTS + [
+        {"prompt": "The first man on the Moon was", "target_new": "Gagarin"},
+        {"prompt": "The chemical symbol of gold is", "target_new": "Ag"},
+        {"prompt": "The longest river in Europe is", "target_new": "Thames"},
+        {"prompt": "The painter of the Mona Lisa was", "target_new": "Picasso"},
+    ]
+
+    def retention(**overrides) -> tuple[float, float]:
+        kept, last = [], []
+        for seed in (0, 1, 2):
+            model = tiny_llama(seed=seed)
+            hp = make_hparams(corpus, chunk_size=4, energy_threshold=0.9, num_steps=60, **overrides)
+            apply_crispedit(model, tok, facts, hp, progress=False)
+            kept.append(target_accuracy(model, tok, facts[:4]))
+            last.append(target_accuracy(model, tok, facts[8:]))
+        return sum(kept) / 3, sum(last) / 3
+
+    finetuning, finetuning_last = retention(projection_mode="none")
+    seq, seq_last = retention(edit_stats_weight=10.0)
+    assert min(finetuning_last, seq_last) >= 0.9, (finetuning_last, seq_last)  # the last chunk landed in both
+    assert seq > finetuning + 0.1, (seq, finetuning)
