@@ -42,7 +42,7 @@ logger = logging.getLogger("bench_core")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "bench_core.jsonl"
-DEFAULT_ZSRE = Path("/work/shared/data/zsre_train.json")
+DEFAULT_ZSRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre_train.json"  # ../shared/data beside the repo
 DOWN_PROJ = "model.layers.{}.mlp.down_proj.weight"
 
 

@@ -153,6 +153,19 @@ def load_hparams(path: str | None, overrides: Mapping[str, Any], device: str | N
     return CrispEditHyperParams.from_dict(values)
 
 
+def portable_path(path: str | Path) -> str:
+    """A path for result files without this machine's layout: relative to the working directory when the file is
+    inside it or next to it (``../shared/...``), else with the home folder written as ``~``."""
+    import os
+
+    absolute = Path(path).expanduser().resolve()
+    relative = os.path.relpath(absolute, Path.cwd())
+    if not relative.startswith(os.pardir + os.sep + os.pardir):
+        return relative
+    home = Path.home().resolve()
+    return f"~/{absolute.relative_to(home).as_posix()}" if absolute.is_relative_to(home) else str(path)
+
+
 def model_name(cfg: JobConfig, hparams) -> str:
     """The model to load: ``cfg.model`` (``--model``) if given, else the hparams file's ``model_name``."""
     if cfg.model:
@@ -369,7 +382,7 @@ def _result_header(cfg: JobConfig, hparams, request_set, path) -> dict[str, Any]
     return {
         "config": {"job": dataclasses.asdict(cfg), "hparams": hparams.to_dict(redact_secrets=True)},
         "environment": environment(),
-        "requests": {"dataset": cfg.dataset, "path": str(path), "start": cfg.start, "count": cfg.count,
+        "requests": {"dataset": cfg.dataset, "path": portable_path(path), "start": cfg.start, "count": cfg.count,
                      "n_edits": len(request_set.requests), "n_skipped": request_set.n_skipped,
                      "skipped": dict(request_set.skipped)},
     }
@@ -464,7 +477,7 @@ def _save_model(cfg: JobConfig, model, tok, targets, base_fp, hparams, out_dir: 
             path = out_dir / "model"
             model.save_pretrained(path, safe_serialization=True)
             tok.save_pretrained(path)
-    return {"mode": cfg.save, "path": str(path)}
+    return {"mode": cfg.save, "path": portable_path(path)}
 
 
 def _write(result: Mapping[str, Any], out_dir: Path) -> None:
