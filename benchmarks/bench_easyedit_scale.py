@@ -22,7 +22,6 @@ import json
 import logging
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -31,24 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 logger = logging.getLogger("bench_easyedit_scale")
-
-
-def counters() -> Counter:
-    """Count capability collections, past-edit collections and eigendecompositions (per factor) from now on."""
-    from crispedit_easyedit import editing, projector, state
-
-    counter: Counter = Counter()
-
-    def counting(key, real):
-        def wrapper(*args, **kwargs):
-            counter[key] += 1
-            return real(*args, **kwargs)
-        return wrapper
-
-    state.collect_kfac_factors = counting("capability_collections", state.collect_kfac_factors)
-    editing.collect_kfac_factors = counting("edit_statistics_collections", editing.collect_kfac_factors)
-    projector.stable_eigh = counting("eigh_calls", projector.stable_eigh)
-    return counter
 
 
 def load(args):
@@ -77,7 +58,8 @@ def run_calls(args) -> dict:
     from crispedit_easyedit.easyedit import ModelPair
     from crispedit_easyedit.state import reset_edit_state
 
-    counter = counters()
+    from tests.counting import count_core_work
+
     base_model, tok, requests, base_hparams = load(args)
     results = {}
     for label, batch_size in (("one call", len(requests)), (f"chunks of {args.chunk}", args.chunk)):
@@ -87,12 +69,13 @@ def run_calls(args) -> dict:
         hparams.model_name = ModelPair(model, tok, name="llama-smollm2-135m-instruct")
         hparams.batch_size = batch_size
         editor = BaseEditor.from_hparams(hparams)
-        counter.clear()
         started = time.perf_counter()
-        editor.batch_edit(prompts=[r["prompt"] for r in requests], target_new=[r["target_new"] for r in requests],
-                          ground_truth=[r["ground_truth"] for r in requests],
-                          rephrase_prompts=[r.get("rephrase_prompt") for r in requests],
-                          keep_original_weight=False)
+        with count_core_work() as counter:
+            editor.batch_edit(prompts=[r["prompt"] for r in requests],
+                              target_new=[r["target_new"] for r in requests],
+                              ground_truth=[r["ground_truth"] for r in requests],
+                              rephrase_prompts=[r.get("rephrase_prompt") for r in requests],
+                              keep_original_weight=False)
         seconds = time.perf_counter() - started
         results[label] = {"batch_size": batch_size, "calls": -(-len(requests) // batch_size),
                           "seconds_batch_edit": round(seconds, 1), **dict(counter),
@@ -118,7 +101,8 @@ def run_weights(args) -> dict:
         started = time.perf_counter()
         report = apply_crispedit(model, tok, requests, hparams, progress=False)
         results[label] = {"seconds": round(time.perf_counter() - started, 1),
-                          "first_chunk": final_scores(model, tok, first), "all_edits": final_scores(model, tok, requests),
+                          "first_chunk": final_scores(model, tok, first),
+                          "all_edits": final_scores(model, tok, requests),
                           "kept_fraction_last_chunk": {k.split(".")[2]: round(v["kept_fraction"], 4)
                                                        for k, v in report.layers.items()},
                           "chunk_leak_fractions": report.chunk_leak_fractions}

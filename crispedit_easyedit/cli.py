@@ -135,8 +135,9 @@ def run_cache(cfg: JobConfig) -> None:
 
         edit_targets(model, hparams)
     curvature = capability_curvature(model, tok, hparams, progress=cfg.progress)
-    print(f"curvature ready ({curvature.source}; eigenbases {curvature.eigen_source}): {len(curvature.factors.factors)} "
-          f"layers, {curvature.factors.metadata.get('num_tokens')} tokens, cache_dir {hparams.cache_dir}")
+    print(f"curvature ready ({curvature.source}; eigenbases {curvature.eigen_source}): "
+          f"{len(curvature.factors.factors)} layers, {curvature.factors.metadata.get('num_tokens')} tokens, "
+          f"cache_dir {hparams.cache_dir}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

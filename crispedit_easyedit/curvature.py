@@ -180,27 +180,14 @@ class FactorSet:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a safetensors file atomically (temp file in the same folder + rename). Returns the path."""
-        from safetensors.torch import save_file
-
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
         layers = {}
         for name, f in self.factors.items():
-            tensors[f"{name}::A"] = f.A.detach().cpu().contiguous()
-            tensors[f"{name}::S"] = f.S.detach().cpu().contiguous()
+            tensors[f"{name}::A"], tensors[f"{name}::S"] = f.A, f.S
             layers[name] = {"A_shape": list(f.A.shape), "S_shape": list(f.S.shape), "num_tokens": f.num_tokens}
         metadata = dict(self.metadata, layers=layers, package_version=__version__,
                         cache_format_version=CACHE_FORMAT_VERSION)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(metadata, sort_keys=True)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_safetensors(path, tensors, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected: Mapping[str, Any] | None = None,
@@ -218,23 +205,10 @@ class FactorSet:
             CacheCorruptError: the file is truncated, not safetensors, or lacks tensors its metadata names.
             CacheMismatchError: a metadata field or a tensor shape differs from ``expected``.
         """
-        from safetensors import safe_open
-
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no curvature cache at {path}")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                raw_meta = (handle.metadata() or {}).get(_META_KEY)
-                if raw_meta is None:
-                    raise CacheCorruptError(f"{path} is a safetensors file without crispedit_easyedit metadata")
-                metadata = json.loads(raw_meta)
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except CacheError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
-            raise CacheCorruptError(f"curvature cache {path} cannot be read ({type(exc).__name__}: {exc}); "
-                                    "delete it to recompute") from exc
+        tensors, metadata = read_safetensors(path, "curvature cache")
         expected = dict(expected or {})
         shapes = expected.pop("layer_shapes", None)
         for key, value in expected.items():
@@ -259,6 +233,54 @@ class FactorSet:
                 if found != [d_out, d_in]:
                     raise CacheMismatchError(path, f"shape of {name} (d_out, d_in)", [d_out, d_in], found)
         return cls(factors, metadata)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# safetensors files with JSON metadata (every file this package writes to load back)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, Any]) -> Path:
+    """Write ``tensors`` with JSON ``metadata`` atomically (temp file in the same folder + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={_META_KEY: json.dumps(metadata, sort_keys=True, default=str)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and JSON metadata of a file written by :func:`write_safetensors` (on the CPU).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CacheCorruptError: the file is truncated, not safetensors, or has no crispedit_easyedit metadata.
+    """
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            raw = (handle.metadata() or {}).get(_META_KEY)
+            if raw is None:
+                raise CacheCorruptError(f"{path} is a safetensors file without crispedit_easyedit metadata")
+            return {key: handle.get_tensor(key) for key in handle.keys()}, json.loads(raw)
+    except CacheError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        raise CacheCorruptError(f"{what} {path} cannot be read ({type(exc).__name__}: {exc}); "
+                                "delete it to recompute") from exc
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -154,7 +154,8 @@ class CrispEditHyperParams:
 
     # ------------------------------------------------------------------------------------------------------------
     _INT_FIELDS: ClassVar[frozenset[str]] = frozenset({
-        "num_steps", "batch_size", "train_batch_size", "max_length", "mom2_n_samples", "mc_samples", "curvature_seq_len",
+        "num_steps", "batch_size", "train_batch_size", "max_length", "mom2_n_samples", "mc_samples",
+        "curvature_seq_len",
         "curvature_batch_size", "exclude_first_tokens", "seed", "chunk_size",
     })
     _FLOAT_FIELDS: ClassVar[frozenset[str]] = frozenset({"lr", "weight_decay", "energy_threshold",
@@ -186,7 +187,8 @@ class CrispEditHyperParams:
             raise ValueError(f"rewrite_module_tmp must be a string containing '{{}}' exactly once (the layer "
                              f"index), e.g. 'model.layers.{{}}.mlp.down_proj.weight'; got {tmp!r}")
         # Integers with lower bounds.
-        for name, minimum in (("num_steps", 1), ("batch_size", 1), ("train_batch_size", 1), ("max_length", 2), ("mom2_n_samples", 1),
+        for name, minimum in (("num_steps", 1), ("batch_size", 1), ("train_batch_size", 1), ("max_length", 2),
+                              ("mom2_n_samples", 1),
                               ("mc_samples", 1), ("curvature_seq_len", 2), ("curvature_batch_size", 1),
                               ("exclude_first_tokens", 0), ("seed", None)):
             setattr(self, name, _as_int(name, getattr(self, name), minimum))

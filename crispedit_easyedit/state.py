@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import os
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +49,7 @@ from torch import nn
 from . import __version__
 from .curvature import (
     FACTOR_DTYPES, CacheCorruptError, CacheMismatchError, FactorSet, KFACFactors, cache_path_for, collect_kfac_factors,
-    curvature_identity, identity_key, model_fingerprint, tokenizer_fingerprint,
+    curvature_identity, identity_key, model_fingerprint, read_safetensors, tokenizer_fingerprint, write_safetensors,
 )
 from .projector import Eigenbasis
 
@@ -60,7 +58,6 @@ logger = logging.getLogger(__name__)
 STATE_FORMAT = "crispedit-edit-state"
 STATE_FORMAT_VERSION = 1
 EIGEN_FORMAT_VERSION = 1
-_META_KEY = "crispedit_easyedit"
 WEIGHT_STATUSES = ("first", "base", "continue", "foreign")
 
 _STATES: "weakref.WeakKeyDictionary[nn.Module, EditState]" = weakref.WeakKeyDictionary()
@@ -138,13 +135,13 @@ def save_eigenbases(path: str | os.PathLike, eigenbases: Mapping[str, Eigenbasis
         if basis.eig_out is not None:
             tensors[f"{name}::eig_out"], tensors[f"{name}::basis_out"] = basis.eig_out, basis.basis_out
     meta = dict(metadata, layers={n: b.out_features for n, b in eigenbases.items()}, package_version=__version__)
-    return _save_tensors(path, tensors, meta)
+    return write_safetensors(path, tensors, meta)
 
 
 def load_eigenbases(path: str | os.PathLike, expected: Mapping[str, Any],
                     devices: Mapping[str, torch.device]) -> dict[str, Eigenbasis]:
     """Read :func:`save_eigenbases` output, checking ``expected`` metadata; raises CacheMismatchError/CorruptError."""
-    tensors, meta = _load_tensors(path)
+    tensors, meta = read_safetensors(path, "eigenbasis cache")
     for key, value in expected.items():
         if meta.get(key, "<missing>") != value:
             raise CacheMismatchError(path, key, value, meta.get(key, "<missing>"))
@@ -159,41 +156,6 @@ def load_eigenbases(path: str | os.PathLike, expected: Mapping[str, Any],
         except KeyError as exc:
             raise CacheCorruptError(f"eigenbasis cache {path} lacks {exc.args[0]!r}") from exc
     return out
-
-
-def _save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={_META_KEY: json.dumps(metadata, sort_keys=True, default=str)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            raw = (handle.metadata() or {}).get(_META_KEY)
-            if raw is None:
-                raise CacheCorruptError(f"{path} is a safetensors file without crispedit_easyedit metadata")
-            return {key: handle.get_tensor(key) for key in handle.keys()}, json.loads(raw)
-    except CacheCorruptError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
-        raise CacheCorruptError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
 def _eigenbases_for(factors: FactorSet, targets, dtype: torch.dtype) -> dict[str, Eigenbasis]:
@@ -482,7 +444,7 @@ def save_edit_state(model: nn.Module, tok, path: str | os.PathLike, include_capa
             "tokens": put("protected", state.protected.edits)},
         "capability_tokens": put("capability", curvature.factors) if include_capability and curvature else None,
     }
-    saved = _save_tensors(path, tensors, meta)
+    saved = write_safetensors(path, tensors, meta)
     logger.info("saved the edit state (%d edits in %d chunks) to %s", state.num_edits, state.num_chunks, saved)
     return saved
 
@@ -494,7 +456,7 @@ def load_edit_state(model: nn.Module, path: str | os.PathLike) -> EditState:
         ValueError: the file is not an edit state, names weights the model lacks, or the model's weights are not
             the weights the saved sequence left behind (nor its base weights).
     """
-    tensors, meta = _load_tensors(path)
+    tensors, meta = read_safetensors(path, "edit state")
     if meta.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not a CrispEdit edit state (format {meta.get('format')!r})")
     if meta.get("format_version") != STATE_FORMAT_VERSION:

@@ -1,7 +1,6 @@
 """The CLI end to end on a tiny Llama saved to a folder: report, JSON, plot, changed tensors, error paths."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -117,7 +116,8 @@ def test_the_hparams_file_names_the_model_and_model_overrides_it(setup, monkeypa
     import crispedit_easyedit.models as models
 
     real_load = models.load_model_and_tokenizer
-    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda name, **k: loaded.append(name) or real_load(name, **k))
+    monkeypatch.setattr(models, "load_model_and_tokenizer",
+                        lambda name, **k: loaded.append(name) or real_load(name, **k))
     assert cli.main(["cache", "--hparams", str(named), "--quiet"]) == 0
     assert "curvature ready (collected" in capsys.readouterr().out
     assert cli.main(["cache", "--hparams", str(hparams), "--model", str(model_dir), "--quiet"]) == 0

@@ -98,7 +98,8 @@ def llama_hparams(model: Any, corpus: str, **overrides: Any) -> CrispEditHyperPa
     from crispedit_easyedit.easyedit import ModelPair
 
     values = dict(model_name=ModelPair(model, tiny_tokenizer(), name="tiny-llama"), layers=[1, 2], device=0,
-                  lr=2e-2, num_steps=40, batch_size=8, train_batch_size=8, max_length=40, early_stop_loss=1e-3, mom2_dataset=corpus,
+                  lr=2e-2, num_steps=40, batch_size=8, train_batch_size=8, max_length=40, early_stop_loss=1e-3,
+                  mom2_dataset=corpus,
                   **TINY_CURVATURE)
     values.update(overrides)
     return CrispEditHyperParams(**values)
@@ -326,7 +327,8 @@ def test_batch_edit_runs_crispedit_on_gpt2(crispedit: Any, corpus_file: str) -> 
     model = tiny_gpt2()
     hparams = CrispEditHyperParams(
         model_name=ModelPair(model, tiny_tokenizer(), name="gpt2-tiny"), layers=[0, 1], device=0,
-        rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", lr=2e-2, num_steps=60, batch_size=3, train_batch_size=3,
+        rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", lr=2e-2, num_steps=60, batch_size=3,
+        train_batch_size=3,
         max_length=40, early_stop_loss=1e-3, mom2_dataset=corpus_file, **TINY_CURVATURE)
     names = hparams.edit_parameter_names()
     before = weights_of(model, names)
@@ -386,22 +388,12 @@ TWELVE = [("The capital of France is", "Berlin"), ("Who is the author of Hamlet?
 
 
 @pytest.fixture
-def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts capability collections, past-edit collections and eigendecompositions (per factor)."""
-    from crispedit_easyedit import editing, projector, state
+def counted() -> Any:
+    """Capability collections, past-edit collections and eigendecompositions (one per factor) during the test."""
+    from tests.counting import count_core_work
 
-    counts = {"capability": 0, "edit_stats": 0, "eigh": 0}
-
-    def counting(key: str, real: Any) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            counts[key] += 1
-            return real(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(state, "collect_kfac_factors", counting("capability", state.collect_kfac_factors))
-    monkeypatch.setattr(editing, "collect_kfac_factors", counting("edit_stats", editing.collect_kfac_factors))
-    monkeypatch.setattr(projector, "stable_eigh", counting("eigh", projector.stable_eigh))
-    return counts
+    with count_core_work() as counter:
+        yield counter
 
 
 @pytest.mark.parametrize("keep_original_weight", [True, False])
@@ -425,11 +417,12 @@ def test_batch_edit_in_chunks_collects_and_eigendecomposes_once(crispedit: Any, 
     state = edit_state(model)
     layers = len(names)
     if keep_original_weight:  # PyPI restores after each call: four fresh Algorithm 1 runs from theta_0
-        assert counted == {"capability": 1, "edit_stats": 0, "eigh": 2 * layers}
+        assert counted == {"capability_collections": 1, "eigh_calls": 2 * layers}
         assert state.num_edits == 3 and state.past_edits is None
         assert all(torch.equal(before[n], weights_of(model, names)[n]) for n in names)
     else:  # PyPI keeps the edits: CrispEdit-Seq across calls, earlier chunks protected
-        assert counted == {"capability": 1, "edit_stats": 3, "eigh": 4 * 2 * layers}
+        assert counted == {"capability_collections": 1, "edit_statistics_collections": 3,
+                           "eigh_calls": 4 * 2 * layers}
         assert state.num_edits == 12 and state.num_chunks == 4 and state.unrecorded is not None
         assert state.past_edits[names[0]].num_tokens > 0
 

@@ -147,7 +147,8 @@ def test_sequential_chunks_merge_statistics_of_past_edits(monkeypatch):
     factors = corpus_factors(model, hp, tok)
     seen = []
     real_eigenbases = state_module._eigenbases_for
-    monkeypatch.setattr(state_module, "_eigenbases_for", lambda f, *a, **k: seen.append(f) or real_eigenbases(f, *a, **k))
+    monkeypatch.setattr(state_module, "_eigenbases_for",
+                        lambda f, *a, **k: seen.append(f) or real_eigenbases(f, *a, **k))
     report = apply_crispedit(model, tok, FACTS, hp, factors=factors, progress=False)
     assert report.chunks == 2 and len(seen) == 2 and report.eigendecompositions == 2
     name = "model.layers.1.mlp.down_proj.weight"

