@@ -277,6 +277,9 @@ class EditState:
                 logger.info("cached capability curvature at %s", path)
         eigenbases, eigen_source = self._capability_eigenbases(factors, identity, hparams, targets)
         curvature = CapabilityCurvature(identity, factors, eigenbases, source, eigen_source, path is not None)
+        if not at_base:  # keep one curvature of edited weights, not one per call (memory stays bounded)
+            self.curvatures = {k: c for k, c in self.curvatures.items()
+                               if c.identity["model"]["weights_sha256"] == self.base_digest}
         self.curvatures[key] = curvature
         return curvature
 
