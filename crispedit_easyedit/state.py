@@ -199,6 +199,7 @@ class EditState:
         protected: the protected eigenbases as of the last refresh, or None.
         num_edits, num_chunks: edits and chunks in the current sequence; pending_edits: edits since the refresh.
         last_capability: the identity of the capability curvature the last call used.
+        unrecorded: the last call's last chunk, whose statistics the next continuing call collects (or None).
     """
 
     def __init__(self, param_names: Sequence[str], base_fingerprint: Mapping[str, Any]):
@@ -206,6 +207,7 @@ class EditState:
         self.base_fingerprint = dict(base_fingerprint)
         self.last_digest: str | None = None
         self.curvatures: dict[str, CapabilityCurvature] = {}
+        self._identities: dict[tuple, dict[str, Any]] = {}
         self.past_edits: FactorSet | None = None
         self.protected: ProtectedBasis | None = None
         self.num_edits = 0
@@ -252,7 +254,12 @@ class EditState:
         """
         at_base = hparams.curvature_at == "base"
         model_fp = self.base_fingerprint if at_base else current_fp
-        identity = capability_identity(model_fp, tok, hparams, targets)
+        settings = (model_fp["weights_sha256"], id(tok), len(tok), tuple(t.name for t in targets),
+                    hparams.mom2_dataset, hparams.mom2_n_samples, hparams.curvature_seq_len, hparams.fisher_type,
+                    hparams.mc_samples, hparams.mom2_dtype, hparams.exclude_first_tokens, hparams.seed)
+        if settings not in self._identities:  # hashing a local corpus and the tokenizer once per process
+            self._identities[settings] = capability_identity(model_fp, tok, hparams, targets)
+        identity = self._identities[settings]
         key = identity_key(identity)
         if key in self.curvatures:
             found = self.curvatures[key]
