@@ -427,8 +427,9 @@ def test_batch_edit_in_chunks_collects_and_eigendecomposes_once(crispedit: Any, 
         assert state.past_edits[names[0]].num_tokens > 0
 
 
-def test_every_shipped_yaml_runs_through_edit_under_githubs_batch_size_rule(crispedit: Any, corpus_file: str) -> None:
-    """Each shipped YAML (sizes scaled to a tiny model) through PyPI edit(), after GitHub main's check."""
+def test_every_shipped_yaml_runs_through_edit_and_batch_edit(crispedit: Any, corpus_file: str) -> None:
+    """Each shipped YAML (sizes scaled to a tiny model) through PyPI edit(), after GitHub main's batch_size == 1 check,
+    and through batch_edit()."""
     from easyeditor import BaseEditor
 
     from crispedit_easyedit.easyedit import ModelPair
@@ -446,3 +447,7 @@ def test_every_shipped_yaml_runs_through_edit_under_githubs_batch_size_rule(cris
         metrics, _, _ = BaseEditor.from_hparams(hparams).edit(prompts=PROMPTS[0], target_new=TARGETS[0],
                                                               keep_original_weight=True)
         assert metrics[0]["post"]["rewrite_acc"][0] == 1.0, path.name
+        hparams.batch_size = 2  # batch_edit: one apply call per 2 edits
+        metrics, _, _ = BaseEditor.from_hparams(hparams).batch_edit(prompts=PROMPTS[:2], target_new=TARGETS[:2],
+                                                                    keep_original_weight=True)
+        assert [m["post"]["rewrite_acc"][0] for m in metrics] == [1.0, 1.0], path.name
