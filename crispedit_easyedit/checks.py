@@ -42,6 +42,10 @@ class NonFiniteError(FloatingPointError):
     """An edit produced a non-finite loss or optimizer step (names where)."""
 
 
+class NotWritableError(ValueError):
+    """A folder the work will write to cannot be written (a file in its place, read-only, no permission)."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Numbers
 
@@ -133,7 +137,7 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
         ``path`` with ``~`` expanded.
 
     Raises:
-        ValueError: ``path`` (or an ancestor) exists and is not a folder, or no file can be created there.
+        NotWritableError: ``path`` (or an ancestor) exists and is not a folder, or no file can be created there.
     """
     import tempfile
 
@@ -144,13 +148,13 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
             break
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{what} {str(path)!r} cannot be a folder: {str(existing)!r} is a file; give a folder path")
+        raise NotWritableError(f"{what} {str(path)!r} cannot be a folder: {str(existing)!r} is a file; give a folder path")
     try:
         fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX + "probe-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ValueError(f"{what} {str(path)!r} is not writable ({type(exc).__name__}: {exc.strerror or exc} in "
+        raise NotWritableError(f"{what} {str(path)!r} is not writable ({type(exc).__name__}: {exc.strerror or exc} in "
                          f"{str(existing)!r}); give a writable folder") from exc
     return path
 

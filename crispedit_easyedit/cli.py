@@ -147,7 +147,7 @@ def _rank_device(device: str) -> str:
 
 def run_cache(cfg: JobConfig) -> None:
     from .curvature import check_positions, is_main_process
-    from .job import load_hparams, model_name, usage_errors
+    from .job import load_hparams, model_name, unwritable_as_usage_error, usage_errors
     from .models import load_model_and_tokenizer
     from .state import capability_curvature
 
@@ -162,7 +162,8 @@ def run_cache(cfg: JobConfig) -> None:
         check_positions(model, hparams.curvature_seq_len, "curvature_seq_len")
     distributed = init_distributed(device)
     try:
-        curvature = capability_curvature(model, tok, hparams, progress=cfg.progress and is_main_process())
+        with unwritable_as_usage_error():
+            curvature = capability_curvature(model, tok, hparams, progress=cfg.progress and is_main_process())
     finally:
         if distributed:
             import torch.distributed as dist

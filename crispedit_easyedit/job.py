@@ -51,6 +51,17 @@ def usage_errors() -> Iterator[None]:
         raise UsageError(message) from exc
 
 
+@contextmanager
+def unwritable_as_usage_error() -> Iterator[None]:
+    """Re-raise NotWritableError (e.g. a read-only cache_dir, found before the collection) as UsageError."""
+    from .checks import NotWritableError
+
+    try:
+        yield
+    except NotWritableError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 @dataclass
 class JobConfig:
     """Everything the main job needs; every field has a CLI option of the same name."""
@@ -434,7 +445,7 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
     targets = edit_targets(model, hparams)
     with usage_errors():
         check_edit_inputs(model, probes.requests, hparams)
-    with timer.phase("curvature (cache or collect)"):
+    with timer.phase("curvature (cache or collect)"), unwritable_as_usage_error():
         curvature = capability_curvature(model, tok, hparams, progress=cfg.progress)
     factors = curvature.factors
     base_fp = edit_state(model).base_fingerprint  # theta_0's fingerprint, edit weights hashed completely
