@@ -161,15 +161,16 @@ def run_cache(cfg: JobConfig) -> None:
         edit_targets(model, hparams)
         check_positions(model, hparams.curvature_seq_len, "curvature_seq_len")
     distributed = init_distributed(device)
+    main_process = is_main_process()
     try:
         with unwritable_as_usage_error():
-            curvature = capability_curvature(model, tok, hparams, progress=cfg.progress and is_main_process())
+            curvature = capability_curvature(model, tok, hparams, progress=cfg.progress and main_process)
     finally:
         if distributed:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    if not is_main_process():
+    if not main_process:
         return
     print(f"curvature ready ({curvature.source}; eigenbases {curvature.eigen_source}): "
           f"{len(curvature.factors.factors)} layers, {curvature.factors.metadata.get('num_tokens')} tokens, "
