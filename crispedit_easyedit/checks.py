@@ -50,7 +50,7 @@ class NotWritableError(ValueError):
 # Numbers
 
 
-def check_factor(matrix: torch.Tensor, layer: str, factor: str, source: str = "") -> None:
+def check_factor(matrix: torch.Tensor, layer: str, factor: str, source: str = "", block_rows: int = 1024) -> None:
     """Check that a K-FAC factor is square, finite and symmetric within :data:`SYMMETRY_RTOL`.
 
     Args:
@@ -58,6 +58,7 @@ def check_factor(matrix: torch.Tensor, layer: str, factor: str, source: str = ""
         layer: the parameter path it belongs to (for the message).
         factor: "A" or "S" (for the message).
         source: where it came from, e.g. "collected" or a cache path (for the message).
+        block_rows: rows checked at a time (bounds the extra memory at 8B scale: 1024 x 14336 fp32 = 59 MB).
 
     Raises:
         CurvatureError: naming the layer, the factor and the failed check.
@@ -65,14 +66,20 @@ def check_factor(matrix: torch.Tensor, layer: str, factor: str, source: str = ""
     where = f"K-FAC factor {factor} of {layer}" + (f" ({source})" if source else "")
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
         raise CurvatureError(f"{where} must be a square matrix, got shape {tuple(matrix.shape)}")
-    finite = torch.isfinite(matrix)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
+    bad, scale, asymmetry = 0, 0.0, 0.0
+    n = matrix.shape[0]
+    for start in range(0, n, block_rows):  # in row blocks: O(block_rows * n) extra memory, not a second n x n
+        rows = matrix[start : start + block_rows]
+        finite = torch.isfinite(rows)
+        bad += int((~finite).sum())
+        if bad:
+            continue
+        scale = max(scale, float(rows.abs().max()))
+        asymmetry = max(asymmetry, float((rows - matrix[:, start : start + block_rows].T).abs().max()))
+    if bad:
         raise CurvatureError(f"{where} has {bad} non-finite entries (NaN or inf) of {matrix.numel()}: the model "
                              "produced non-finite activations or gradients; check its weights (e.g. for NaN) and "
                              "the corpus; nothing was cached")
-    scale = float(matrix.abs().max()) if matrix.numel() else 0.0
-    asymmetry = float((matrix - matrix.T).abs().max()) if matrix.numel() else 0.0
     if asymmetry > SYMMETRY_RTOL * scale:
         raise CurvatureError(f"{where} is not symmetric: max|M - M^T| = {asymmetry:.3g} exceeds "
                              f"{SYMMETRY_RTOL:g} * max|M| = {SYMMETRY_RTOL * scale:.3g}")

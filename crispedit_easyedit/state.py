@@ -49,9 +49,9 @@ from torch import nn
 from . import __version__
 from .checks import CurvatureError, ensure_writable_dir
 from .curvature import (
-    FACTOR_DTYPES, CacheCorruptError, CacheMismatchError, FactorSet, KFACFactors, cache_path_for, check_positions,
-    collect_kfac_factors, curvature_identity, identity_key, is_main_process, model_fingerprint, read_safetensors,
-    shard_batches, tokenizer_fingerprint, write_safetensors,
+    FACTOR_DTYPES, CacheCorruptError, CacheMismatchError, FactorSet, KFACFactors, cache_path_for, check_factors,
+    check_positions, collect_kfac_factors, curvature_identity, identity_key, is_main_process, model_fingerprint,
+    read_safetensors, shard_batches, tokenizer_fingerprint, write_safetensors,
 )
 from .projector import Eigenbasis
 
@@ -495,10 +495,14 @@ def load_edit_state(model: nn.Module, path: str | os.PathLike) -> EditState:
         if tokens is None:
             return None
         try:
-            return FactorSet({n: KFACFactors(tensors[f"{prefix}::{n}::A"].to(device), tensors[f"{prefix}::{n}::S"]
-                                             .to(device), int(tokens[n])) for n in names}, {})
+            factors = FactorSet({n: KFACFactors(tensors[f"{prefix}::{n}::A"].to(device),
+                                                tensors[f"{prefix}::{n}::S"].to(device), int(tokens[n]))
+                                 for n in names}, {})
         except KeyError as exc:
             raise CacheCorruptError(f"edit state {path} lacks {exc.args[0]!r}") from exc
+        for n, f in factors.factors.items():
+            check_factors(n, f.A, f.S, source=f"edit state {path}, {prefix}")
+        return factors
 
     state = EditState(names, meta["base_fingerprint"])
     state.last_digest = meta["last_digest"]

@@ -15,14 +15,13 @@ import torch
 
 from crispedit_easyedit import editing
 from crispedit_easyedit.checks import (
-    CurvatureError, NonFiniteError, ensure_writable_dir, remove_stale_temporaries, user_file_mode,
+    CurvatureError, NonFiniteError, check_factor, ensure_writable_dir, remove_stale_temporaries, user_file_mode,
 )
-from crispedit_easyedit.curvature import FactorSet, KFACFactors, collect_kfac_factors, write_safetensors
+from crispedit_easyedit.curvature import FactorSet, KFACFactors, model_fingerprint, write_safetensors
 from crispedit_easyedit.delta import apply_changed_tensors, save_changed_tensors
 from crispedit_easyedit.editing import apply_crispedit
 from crispedit_easyedit.optim import ProjectedAdam
 from crispedit_easyedit.projector import Eigenbasis, stable_eigh
-from crispedit_easyedit.curvature import model_fingerprint
 from crispedit_easyedit.state import capability_curvature, edit_state, reset_edit_state
 from tests.test_state import NAMES, corpus, make_hparams  # noqa: F401 - corpus is a fixture
 from tests.tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
@@ -395,3 +394,84 @@ def test_remove_stale_keeps_unrelated_files(tmp_path):
     assert remove_stale_temporaries(tmp_path) == []
     assert keep.exists()
     assert remove_stale_temporaries(Path(tmp_path / "absent")) == []
+
+
+def test_factor_check_in_row_blocks_finds_what_the_whole_matrix_shows():
+    m = spd(10, 3)
+    m[7, 2] += 1.0  # asymmetric in a block other than the first
+    with pytest.raises(CurvatureError, match="not symmetric"):
+        check_factor(m, "L", "A", block_rows=3)
+    m = spd(10, 3)
+    m[9, 9] = float("nan")
+    with pytest.raises(CurvatureError, match="has 1 non-finite entries"):
+        check_factor(m, "L", "A", block_rows=4)
+    check_factor(spd(10, 3), "L", "A", block_rows=3)  # a valid factor passes
+
+
+def test_an_interrupted_write_leaves_no_temporary(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def killed(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM under the CLI
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_safetensors(tmp_path / "kfac-x.safetensors", {"t": torch.ones(2)}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_unwinds_like_ctrl_c_under_the_cli_and_the_handler_is_restored():
+    import signal
+
+    from crispedit_easyedit.cli import _terminate_as_interrupt
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="terminated by signal"):
+        with _terminate_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the signal is delivered before this returns
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_hparams_files_with_repeated_keys_or_other_encodings_are_named(tmp_path):
+    from crispedit_easyedit.hparams import CrispEditHyperParams
+
+    text = "alg_name: CrispEdit\nmodel_name: m\nlayers: [1]\nlr: 1e-3\n"
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(text + "lr: 1.0\n")
+    with pytest.raises(Exception, match="duplicate key 'lr' \\(first at line 4\\)"):
+        CrispEditHyperParams.from_hparams(dup)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(text.encode() + b"# caf\xe9\n")
+    with pytest.raises(ValueError, match="latin.yaml' is not UTF-8 text"):
+        CrispEditHyperParams.from_hparams(latin)
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ValueError, match="folder.yaml' is a folder; give a YAML file"):
+        CrispEditHyperParams.from_hparams(tmp_path / "folder.yaml")
+    assert CrispEditHyperParams.from_hparams(_write(tmp_path / "ok.yaml", text)).lr == 1e-3
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("key,suggestion", [
+    ("gamma", "energy_threshold"), ("gama", "energy_threshold"), ("n", "mom2_n_samples"),
+    ("num_samples", "mom2_n_samples"), ("chunk", "chunk_size"), ("lr_rate", "lr"), ("learning_rate", "lr"),
+    ("energy_treshold", "energy_threshold"), ("layer", "layers"), ("epochs", "num_steps"),
+])
+def test_did_you_mean_knows_aliases(key, suggestion):
+    from crispedit_easyedit.hparams import CrispEditHyperParams
+
+    with pytest.raises(ValueError, match=f"unknown CrispEdit hparams key '{key}': did you mean '{suggestion}'\\?"):
+        CrispEditHyperParams.from_dict({"alg_name": "CrispEdit", "model_name": "m", "layers": [1], key: 1})
+
+
+def test_no_far_fetched_suggestion():
+    from crispedit_easyedit.hparams import CrispEditHyperParams
+
+    with pytest.raises(ValueError) as info:
+        CrispEditHyperParams.from_dict({"alg_name": "CrispEdit", "model_name": "m", "layers": [1], "zqxw": 1})
+    assert "did you mean" not in str(info.value) and "valid keys: alg_name" in str(info.value)
