@@ -304,6 +304,8 @@ class EditState:
         if path is not None and path.exists():
             logger.info("loading capability eigenbases from %s", path)
             return load_eigenbases(path, expected, {t.name: t.param.device for t in targets}), "disk cache"
+        if path is not None and is_main_process():  # fail before the eigendecomposition, not after it
+            ensure_writable_dir(path.parent, "cache_dir")
         eigenbases = _eigenbases_for(factors, targets, dtype)
         if path is not None and is_main_process():
             save_eigenbases(path, eigenbases, expected)
