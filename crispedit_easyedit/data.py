@@ -279,6 +279,8 @@ def _check_dataset(dataset: str) -> None:
 def read_records(path: str | os.PathLike[str]) -> list[Any]:
     """Read benchmark records from a JSON list (``.json``) or JSON lines (``.jsonl``) file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"Benchmark file {str(path)!r} is a folder; give a .json or .jsonl records file.")
     if not path.is_file():
         raise FileNotFoundError(f"Benchmark file {str(path)!r} does not exist.")
     if path.suffix.lower() == ".jsonl":
@@ -291,8 +293,11 @@ def read_records(path: str | os.PathLike[str]) -> list[Any]:
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{line_no} is not valid JSON: {err}") from err
         return records
-    with path.open(encoding="utf-8") as handle:
-        records = json.load(handle)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            records = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid UTF-8 JSON (truncated or damaged?): {err}") from err
     if not isinstance(records, list):
         raise ValueError(f"{path} must hold a JSON list of records, found {type(records).__name__}.")
     return records

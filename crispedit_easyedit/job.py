@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from . import __version__
-from .editing import apply_crispedit, edit_targets
+from .editing import apply_crispedit, check_edit_inputs, edit_targets
 from .state import capability_curvature
 from .hparams import CrispEditHyperParams
 
@@ -49,6 +49,17 @@ def usage_errors() -> Iterator[None]:
     except (ValueError, KeyError, OSError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         raise UsageError(message) from exc
+
+
+@contextmanager
+def unwritable_as_usage_error() -> Iterator[None]:
+    """Re-raise NotWritableError (e.g. a read-only cache_dir, found before the collection) as UsageError."""
+    from .checks import NotWritableError
+
+    try:
+        yield
+    except NotWritableError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 @dataclass
@@ -140,6 +151,9 @@ def load_hparams(path: str | None, overrides: Mapping[str, Any], device: str | N
     path = Path(path) if path else DEFAULT_HPARAMS
     if not path.exists() and not path.with_suffix(".yaml").exists():
         raise FileNotFoundError(f"hparams file {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"--hparams {str(path)!r} is a folder; give a YAML file such as "
+                         f"hparams/CrispEdit/{DEFAULT_HPARAMS.name}")
     import yaml
 
     try:
@@ -351,8 +365,33 @@ def _public(metrics: Mapping[str, Any]) -> dict[str, Any]:
 # Jobs
 
 
+def output_dir(cfg: JobConfig, kind: str) -> Path:
+    """The job's output folder (``--output-dir`` or a timestamped one under outputs/), checked to be writable
+    before any work (nothing is created yet)."""
+    from .checks import ensure_writable_dir
+
+    default = (f"outputs/crispedit-{cfg.dataset}-{cfg.start}-{cfg.count}-" if kind == "edit"
+               else f"outputs/eval-{cfg.dataset}-") + time.strftime("%Y%m%d-%H%M%S")
+    with usage_errors():
+        return ensure_writable_dir(cfg.output_dir or default, "--output-dir")
+
+
+def check_lengths(model, hparams, cfg: JobConfig | None = None) -> None:
+    """Every sequence length against the model's positions (curvature_seq_len, max_length, --heldout-seq-len)."""
+    from .curvature import check_positions
+
+    check_positions(model, hparams.curvature_seq_len, "curvature_seq_len")
+    check_positions(model, hparams.max_length, "max_length")
+    if cfg is not None:
+        check_positions(model, cfg.heldout_seq_len, "--heldout-seq-len")
+
+
 def prepare(cfg: JobConfig, timer: PhaseTimer):
-    """Load hparams, model, tokenizer, requests, probes and held-out text (shared by the edit and eval jobs)."""
+    """Load hparams, requests, model, tokenizer, probes and held-out text (shared by the edit and eval jobs).
+
+    Everything that can be checked is checked before the model loads (hparams, the records file and range), and
+    the sequence lengths right after it, before any long work.
+    """
     from .data import default_data_path, load_requests
     from .models import load_model_and_tokenizer
     from .probes import factbook_probes
@@ -361,13 +400,14 @@ def prepare(cfg: JobConfig, timer: PhaseTimer):
         hparams = load_hparams(cfg.hparams, cfg.overrides, cfg.device)
         device = str(hparams.torch_device())
         cfg.model = model_name(cfg, hparams)
+        with timer.phase("load records"):
+            path = cfg.data_path or default_data_path(cfg.dataset)
+            request_set = load_requests(cfg.dataset, path, cfg.start, cfg.count)
         with timer.phase("load model"):
             model, tok = load_model_and_tokenizer(cfg.model, device=device, dtype=cfg.dtype,
                                                   cache_dir=cfg.model_cache_dir)
         edit_targets(model, hparams)  # fail early, with the closest names, if the layers do not exist
-        with timer.phase("load records"):
-            path = cfg.data_path or default_data_path(cfg.dataset)
-            request_set = load_requests(cfg.dataset, path, cfg.start, cfg.count)
+        check_lengths(model, hparams, cfg)
         probes = Probes(requests=list(request_set.requests),
                         probes=factbook_probes(cfg.n_probes) if cfg.n_probes else [],
                         heldout=heldout_batches(tok, cfg.eval_batch_size, cfg.heldout_sequences, cfg.heldout_seq_len),
@@ -397,27 +437,30 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
     from .evaluation import next_token_logprobs
     from .plots import plot_energy_spectra
 
+    from .state import edit_state
+
     timer = PhaseTimer()
+    out_dir = output_dir(cfg, "edit")
     hparams, model, tok, request_set, path, probes = prepare(cfg, timer)
-    out_dir = Path(cfg.output_dir or f"outputs/crispedit-{cfg.dataset}-{cfg.start}-{cfg.count}-"
-                                     f"{time.strftime('%Y%m%d-%H%M%S')}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     targets = edit_targets(model, hparams)
-    with timer.phase("curvature (cache or collect)"):
+    with usage_errors():
+        check_edit_inputs(model, probes.requests, hparams)
+    with timer.phase("curvature (cache or collect)"), unwritable_as_usage_error():
         curvature = capability_curvature(model, tok, hparams, progress=cfg.progress)
     factors = curvature.factors
-    base_fp = curvature.identity["model"]  # the unedited model's weights fingerprint, computed for the cache key
+    base_fp = edit_state(model).base_fingerprint  # theta_0's fingerprint, edit weights hashed completely
     with timer.phase("evaluate before: reference log-probs"):
         reference = next_token_logprobs(model, probes.heldout, show_progress=cfg.progress)
     before = measure(model, tok, probes, cfg, hparams, timer=timer, label="before")
     with timer.phase("edit"):
         report = apply_crispedit(model, tok, probes.requests, hparams, progress=cfg.progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = _save_model(cfg, model, tok, targets, base_fp, hparams, out_dir, timer)  # survives a later failure
     after = measure(model, tok, probes, cfg, hparams, reference=reference, before=before, timer=timer, label="after")
     with timer.phase("plot"):
         plot_energy_spectra(report.projectors, out_dir / "energy_spectrum.png",
                             title=f"{cfg.model}: K-FAC curvature energy per edited layer (gamma "
                                   f"{hparams.energy_threshold})")
-    saved = _save_model(cfg, model, tok, targets, base_fp, hparams, out_dir, timer)
     result = _result_header(cfg, hparams, request_set, path)
     result.update({
         "curvature": {k: v for k, v in factors.metadata.items() if k not in ("layers",)},
@@ -432,25 +475,33 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
     return result
 
 
-def run_eval_job(cfg: JobConfig, changed_tensors: str | None = None) -> dict[str, Any]:
+def run_eval_job(cfg: JobConfig, changed_tensors: str | None = None, force: bool = False) -> dict[str, Any]:
     """Evaluate an edited model against its base: ``cfg.model`` is the base; ``changed_tensors`` (a file written by
-    ``--save delta``) is applied onto a copy. Without it, ``cfg.model`` is compared with itself (a baseline run)."""
+    ``--save delta``) is applied onto a copy. Without it, ``cfg.model`` is compared with itself (a baseline run).
+
+    The file is read and checked before the model loads, and checked against the base model (weights fingerprint,
+    dtypes; ``force`` applies it anyway) before the base is evaluated.
+    """
     import copy
 
-    from .delta import apply_changed_tensors
+    from .delta import apply_changed_tensors, read_changed_tensors
     from .evaluation import next_token_logprobs
 
     timer = PhaseTimer()
+    out_dir = output_dir(cfg, "eval")
+    if changed_tensors:
+        with usage_errors():
+            read_changed_tensors(changed_tensors)
     hparams, model, tok, request_set, path, probes = prepare(cfg, timer)
-    out_dir = Path(cfg.output_dir or f"outputs/eval-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    edited = copy.deepcopy(model)
+    meta = {}
+    if changed_tensors:
+        with usage_errors():
+            meta = apply_changed_tensors(edited, changed_tensors, force=force)
     out_dir.mkdir(parents=True, exist_ok=True)
     with timer.phase("evaluate before: reference log-probs"):
         reference = next_token_logprobs(model, probes.heldout, show_progress=cfg.progress)
     before = measure(model, tok, probes, cfg, hparams, timer=timer, label="base")
-    edited = copy.deepcopy(model)
-    meta = {}
-    if changed_tensors:
-        meta = apply_changed_tensors(edited, changed_tensors)
     after = measure(edited, tok, probes, cfg, hparams, reference=reference, before=before, timer=timer,
                     label="edited")
     result = _result_header(cfg, hparams, request_set, path)

@@ -47,9 +47,11 @@ import torch
 from torch import nn
 
 from . import __version__
+from .checks import CurvatureError, ensure_writable_dir
 from .curvature import (
-    FACTOR_DTYPES, CacheCorruptError, CacheMismatchError, FactorSet, KFACFactors, cache_path_for, collect_kfac_factors,
-    curvature_identity, identity_key, model_fingerprint, read_safetensors, tokenizer_fingerprint, write_safetensors,
+    FACTOR_DTYPES, CacheCorruptError, CacheMismatchError, FactorSet, KFACFactors, cache_path_for, check_factors,
+    check_positions, collect_kfac_factors, curvature_identity, identity_key, is_main_process, model_fingerprint,
+    read_safetensors, shard_batches, tokenizer_fingerprint, write_safetensors,
 )
 from .projector import Eigenbasis
 
@@ -115,10 +117,10 @@ def _collect_capability(model, tok, hparams, targets, progress: bool) -> FactorS
     size = hparams.curvature_batch_size
     batches = [{key: value[i : i + size] for key, value in packed.items()}
                for i in range(0, packed["input_ids"].shape[0], size)]
-    return collect_kfac_factors(
-        model, [t.name for t in targets], batches, fisher_type=hparams.fisher_type, mc_samples=hparams.mc_samples,
-        dtype=FACTOR_DTYPES[hparams.mom2_dtype], seed=hparams.seed, exclude_first_tokens=hparams.exclude_first_tokens,
-        progress=progress)
+    return collect_kfac_factors(  # under torch.distributed each rank collects its shard; the sums are all-reduced
+        model, [t.name for t in targets], shard_batches(batches), fisher_type=hparams.fisher_type,
+        mc_samples=hparams.mc_samples, dtype=FACTOR_DTYPES[hparams.mom2_dtype], seed=hparams.seed,
+        exclude_first_tokens=hparams.exclude_first_tokens, progress=progress)
 
 
 def eigen_cache_path(cache_dir: str | os.PathLike, identity: Mapping[str, Any], dtype: str) -> Path:
@@ -155,12 +157,19 @@ def load_eigenbases(path: str | os.PathLike, expected: Mapping[str, Any],
                                    int(meta["layers"][name]))
         except KeyError as exc:
             raise CacheCorruptError(f"eigenbasis cache {path} lacks {exc.args[0]!r}") from exc
+        for part in ("eig_in", "basis_in", "eig_out", "basis_out"):
+            value = getattr(out[name], part)
+            if value is not None and not (bool(torch.isfinite(value).all()) and
+                                          (not part.startswith("eig") or bool((value >= 0).all()))):
+                raise CurvatureError(f"eigenbasis cache {path}: {part} of {name} is not finite"
+                                     + (" and non-negative" if part.startswith("eig") else "")
+                                     + "; delete the file to recompute it")
     return out
 
 
 def _eigenbases_for(factors: FactorSet, targets, dtype: torch.dtype) -> dict[str, Eigenbasis]:
     return {t.name: Eigenbasis.from_factors(factors[t.name].A.to(t.param.device), factors[t.name].S.to(t.param.device),
-                                            dtype) for t in targets}
+                                            dtype, layer=t.name) for t in targets}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,12 +286,16 @@ class EditState:
                     "and the edit weights no longer hold the base weights it must be collected at (curvature_at: "
                     "base). Use the curvature settings of the earlier calls, restore the base weights, set "
                     "curvature_at: current, or call reset_edit_state(model) to make the current weights the base.")
+            check_positions(model, hparams.curvature_seq_len, "curvature_seq_len")
+            if path is not None and is_main_process():  # fail before the collection, not after it
+                ensure_writable_dir(path.parent, "cache_dir")
             factors, source = _collect_capability(model, tok, hparams, targets, progress), "collected"
             factors.metadata.update(identity)
-            if path is not None:
-                factors.save(path)
-                logger.info("cached capability curvature at %s", path)
+        # the eigendecomposition checks the factors are PSD: only factors that pass are cached
         eigenbases, eigen_source = self._capability_eigenbases(factors, identity, hparams, targets)
+        if source == "collected" and path is not None and is_main_process():
+            factors.save(path)
+            logger.info("cached capability curvature at %s", path)
         curvature = CapabilityCurvature(identity, factors, eigenbases, source, eigen_source, path is not None)
         if not at_base:  # keep one curvature of edited weights, not one per call (memory stays bounded)
             self.curvatures = {k: c for k, c in self.curvatures.items()
@@ -298,8 +311,10 @@ class EditState:
         if path is not None and path.exists():
             logger.info("loading capability eigenbases from %s", path)
             return load_eigenbases(path, expected, {t.name: t.param.device for t in targets}), "disk cache"
+        if path is not None and is_main_process():  # fail before the eigendecomposition, not after it
+            ensure_writable_dir(path.parent, "cache_dir")
         eigenbases = _eigenbases_for(factors, targets, dtype)
-        if path is not None:
+        if path is not None and is_main_process():
             save_eigenbases(path, eigenbases, expected)
             logger.info("cached capability eigenbases at %s", path)
         return eigenbases, "computed"
@@ -489,10 +504,14 @@ def load_edit_state(model: nn.Module, path: str | os.PathLike) -> EditState:
         if tokens is None:
             return None
         try:
-            return FactorSet({n: KFACFactors(tensors[f"{prefix}::{n}::A"].to(device), tensors[f"{prefix}::{n}::S"]
-                                             .to(device), int(tokens[n])) for n in names}, {})
+            factors = FactorSet({n: KFACFactors(tensors[f"{prefix}::{n}::A"].to(device),
+                                                tensors[f"{prefix}::{n}::S"].to(device), int(tokens[n]))
+                                 for n in names}, {})
         except KeyError as exc:
             raise CacheCorruptError(f"edit state {path} lacks {exc.args[0]!r}") from exc
+        for n, f in factors.factors.items():
+            check_factors(n, f.A, f.S, source=f"edit state {path}, {prefix}")
+        return factors
 
     state = EditState(names, meta["base_fingerprint"])
     state.last_digest = meta["last_digest"]
@@ -516,6 +535,6 @@ def _loaded_curvature(meta: Mapping[str, Any], factors: FactorSet, model: nn.Mod
     identity = copy.deepcopy(dict(meta["capability_identity"]))
     params = dict(model.named_parameters())
     dtype = FACTOR_DTYPES[identity["dtype"]]
-    eigenbases = {name: Eigenbasis.from_factors(f.A.to(params[name].device), f.S.to(params[name].device), dtype)
-                  for name, f in factors.factors.items()}
+    eigenbases = {name: Eigenbasis.from_factors(f.A.to(params[name].device), f.S.to(params[name].device), dtype,
+                                                layer=name) for name, f in factors.factors.items()}
     return CapabilityCurvature(identity, factors, eigenbases, "edit state file", "computed")
