@@ -17,10 +17,12 @@ factor fails them (a negative-definite one has a negative trace).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -32,6 +34,9 @@ PSD_CLAMP_MASS_RTOL = 1e-2
 #: temporary files of an interrupted write older than this are removed by the next write to the same folder
 STALE_TEMP_SECONDS = 10 * 60
 TEMP_PREFIX = ".tmp-"
+#: how long a process waits for another one collecting the same cache (a collection at 8B scale takes an hour or so)
+CACHE_LOCK_TIMEOUT_SECONDS = 6 * 3600.0
+CACHE_LOCK_POLL_SECONDS = 0.1
 
 
 class CurvatureError(ValueError):
@@ -197,3 +202,67 @@ def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = TEMP_PREF
         logger.info("removed %s, left by an interrupted write", entry)
         removed.append(entry)
     return removed
+
+
+@contextlib.contextmanager
+def cache_lock(path: str | os.PathLike, timeout: float | None = None, what: str = "the curvature cache") -> Iterator[bool]:
+    """Hold an advisory exclusive lock on ``<path>.lock`` (``fcntl.flock``) while a cache file is made, so that a
+    second process collecting the same cache waits and then reads the first one's file instead of collecting again.
+
+    The lock file is removed by its holder before the lock is released; a waiter that then locks a removed file
+    retries on the new one, so no lock file is left behind and two holders never coexist. A process that dies
+    releases its lock with its file descriptor (the next one removes nothing stale: it locks the same file). Where
+    ``fcntl`` is missing (Windows) no lock is taken: two processes may then collect twice, harmlessly (writes are
+    atomic renames).
+
+    Args:
+        path: the cache file the lock protects; its folder must exist or be creatable.
+        timeout: seconds to wait at most (default :data:`CACHE_LOCK_TIMEOUT_SECONDS`).
+        what: what is protected (for the messages).
+
+    Yields:
+        whether a lock is held (False without ``fcntl``).
+
+    Raises:
+        TimeoutError: another process held the lock for longer than ``timeout``; names the lock file.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - platforms without fcntl
+        yield False
+        return
+    timeout = CACHE_LOCK_TIMEOUT_SECONDS if timeout is None else timeout
+    lock_path = Path(str(path) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, user_file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"waited {timeout:g} s for the lock {str(lock_path)!r} on {what}: another process "
+                                   "is still making it; wait for it to finish, or stop it (its lock is released "
+                                   "when it exits)") from None
+            if not announced:
+                logger.info("another process is making %s (%s); waiting for it", what, lock_path)
+                announced = True
+            time.sleep(CACHE_LOCK_POLL_SECONDS)
+            continue
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:  # its holder removed it between our open and our lock
+            same = False
+        if same:
+            break
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

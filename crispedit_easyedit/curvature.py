@@ -227,7 +227,8 @@ class FactorSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected: Mapping[str, Any] | None = None,
-             device: torch.device | str = "cpu") -> "FactorSet":
+             device: torch.device | str = "cpu",
+             devices: Mapping[str, torch.device | str] | None = None) -> "FactorSet":
         """Read a cache written by :meth:`save`, checking its metadata against ``expected``.
 
         Args:
@@ -235,6 +236,8 @@ class FactorSet:
             expected: metadata fields that must match exactly (e.g. the output of :func:`curvature_identity`);
                 a field ``layer_shapes`` ({name: [d_out, d_in]}) is checked against the stored tensors.
             device: where to put the factors.
+            devices: per layer, where to put its factors (each edited layer's device under ``device_map``);
+                layers not named go to ``device``.
 
         Raises:
             FileNotFoundError: no such file.
@@ -262,7 +265,8 @@ class FactorSet:
                 raise CacheCorruptError(f"curvature cache {path}: tensors of {name} have shapes {list(S.shape)}, "
                                         f"{list(A.shape)} but the metadata says {info['S_shape']}, {info['A_shape']}")
             check_factors(name, A, S, source=str(path))
-            factors[name] = KFACFactors(A.to(device), S.to(device), int(info["num_tokens"]))
+            where = (devices or {}).get(name, device)
+            factors[name] = KFACFactors(A.to(where), S.to(where), int(info["num_tokens"]))
         if shapes is not None:
             for name, (d_out, d_in) in shapes.items():
                 if name not in factors:
@@ -443,6 +447,20 @@ def shard_batches(batches: list, rank: int | None = None, world: int | None = No
     return list(batches)[rank::world]
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embedding's device (the first device under ``device_map="auto"``)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
+def output_device(model: nn.Module) -> torch.device:
+    """Where the logits come out: the output embedding's (LM head's) device (the last one under ``device_map``)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
 def _all_reduce_sums(tensors: list[torch.Tensor], counts: list[int], device: torch.device) -> list[int]:
     """Sum ``tensors`` in place and ``counts`` across the ranks of the default process group (no-op without one).
 
@@ -597,9 +615,9 @@ def collect_kfac_factors(
     accumulators = {}
     num_tokens = 0
     num_sequences = 0
-    device = next(model.parameters()).device
+    device, out_device = input_device(model), output_device(model)  # differ under device_map="auto"
     rank, _ = distributed_world()
-    generator = torch.Generator(device=device).manual_seed(seed + rank) if fisher_type == "mc" else None
+    generator = torch.Generator(device=out_device).manual_seed(seed + rank) if fisher_type == "mc" else None
     started = time.perf_counter()
     try:
         model.eval()
@@ -617,18 +635,19 @@ def collect_kfac_factors(
             n = int(counted.sum())
             if n == 0:
                 continue
-            for acc in accumulators.values():
-                acc.positions = counted
+            for acc in accumulators.values():  # each layer's mask on its own device, moved once per batch
+                acc.positions = counted.to(acc.A.device)
             with torch.enable_grad():
                 logits = model(**model_inputs(model, input_ids, attention_mask)).logits
-                selected = logits[counted]
+                counted_out = counted.to(logits.device)
+                selected = logits[counted_out]
                 log_probs = torch.log_softmax(selected.to(torch.promote_types(selected.dtype, torch.float32)),
                                               dim=-1)  # (n, vocab), at least fp32
                 for k in range(passes):
                     if fisher_type == "mc":
                         labels = torch.multinomial(log_probs.detach().exp(), 1, generator=generator).squeeze(1)
                     else:
-                        labels = input_ids[:, 1:][counted[:, :-1]]
+                        labels = input_ids[:, 1:][counted[:, :-1]].to(log_probs.device)
                     loss = -log_probs.gather(1, labels[:, None]).sum()
                     loss.backward(retain_graph=k < passes - 1)
             num_tokens += n

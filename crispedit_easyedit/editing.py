@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from .checks import check_finite_step
 from .curvature import (
-    FACTOR_DTYPES, FactorSet, check_factors, check_positions, collect_kfac_factors, model_fingerprint, model_inputs,
-    resolve_module, shard_batches, weight_orientation,
+    FACTOR_DTYPES, FactorSet, check_factors, check_positions, collect_kfac_factors, input_device, model_fingerprint,
+    model_inputs, resolve_module, shard_batches, weight_orientation,
 )
 from .optim import ProjectedAdam, leak_fraction
 from .projector import Eigenbasis, KroneckerProjector, kfac_quadratic_form
@@ -128,7 +128,7 @@ def edit_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torc
         batch: ``input_ids``, ``attention_mask``, ``labels`` of shape (batch, T) on the model's device.
     """
     logits = model(**model_inputs(model, batch["input_ids"], batch["attention_mask"])).logits
-    labels = batch["labels"][:, 1:]
+    labels = batch["labels"][:, 1:].to(logits.device)  # the LM head's device, under device_map the last one
     logits = logits[:, :-1]
     counted = labels != IGNORE_INDEX
     n = int(counted.sum())
@@ -261,7 +261,7 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     Raises:
         NonFiniteError: a loss, gradient or step is NaN or inf (the weights may be changed; the caller restores).
     """
-    device = targets[0].param.device
+    device = input_device(model)  # the embedding's device (not an edited layer's, under device_map)
     examples = [tokenize_edit(tok, r["prompt"], r["target_new"], hparams.max_length) for r in requests]
     pad = pad_token_id(tok)
     projections = [None if projectors is None else _projection_fn(t, projectors[t.name]) for t in targets]

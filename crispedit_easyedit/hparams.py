@@ -418,6 +418,9 @@ class CrispEditHyperParams:
         except UnicodeDecodeError as exc:
             raise ValueError(f"CrispEdit hparams file {str(path)!r} is not UTF-8 text (byte {exc.start}: "
                              f"{exc.object[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
+        except yaml.YAMLError as exc:  # a repeated key or a syntax error: one line naming the file
+            raise ValueError(f"CrispEdit hparams file {str(path)!r} is not valid YAML: "
+                             f"{' '.join(str(exc).split())}") from exc
         if not isinstance(config, dict):
             raise ValueError(f"CrispEdit hparams file {str(path)!r} must hold a YAML mapping, got "
                              f"{type(config).__name__}")

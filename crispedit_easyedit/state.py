@@ -34,6 +34,7 @@ text) so a sequence resumes in a new process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -47,11 +48,11 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checks import CurvatureError, ensure_writable_dir
+from .checks import CurvatureError, cache_lock, ensure_writable_dir
 from .curvature import (
     FACTOR_DTYPES, CacheCorruptError, CacheMismatchError, FactorSet, KFACFactors, cache_path_for, check_factors,
-    check_positions, collect_kfac_factors, curvature_identity, identity_key, is_main_process, model_fingerprint,
-    read_safetensors, shard_batches, tokenizer_fingerprint, write_safetensors,
+    check_positions, collect_kfac_factors, curvature_identity, distributed_world, identity_key, is_main_process,
+    model_fingerprint, read_safetensors, shard_batches, tokenizer_fingerprint, write_safetensors,
 )
 from .projector import Eigenbasis
 
@@ -75,7 +76,7 @@ class CapabilityCurvature:
 
     Attributes:
         identity: everything that determines the factors (the cache key is its hash; no machine path in it).
-        factors: the FactorSet (on the model's device).
+        factors: the FactorSet (each layer on its edit weight's device).
         eigenbases: {parameter path: Eigenbasis} (on each edit weight's device, in ``mom2_dtype``).
         source: where the factors came from in *this* call: "collected", "disk cache" or "in process".
         eigen_source: likewise for the eigenbases: "computed", "disk cache" or "in process".
@@ -274,28 +275,36 @@ class EditState:
             found = self.curvatures[key]
             return CapabilityCurvature(found.identity, found.factors, found.eigenbases, "in process", "in process",
                                        found.on_disk)
-        device = next(model.parameters()).device
         path = cache_path_for(hparams.cache_dir, identity) if hparams.cache_dir else None
-        if path is not None and path.exists():
-            logger.info("loading capability curvature from %s", path)
-            factors, source = FactorSet.load(path, expected=identity, device=device), "disk cache"
-        else:
-            if current_fp["weights_sha256"] != model_fp["weights_sha256"]:
-                raise ValueError(
-                    "the capability curvature for these settings is neither in this process nor in the disk cache, "
-                    "and the edit weights no longer hold the base weights it must be collected at (curvature_at: "
-                    "base). Use the curvature settings of the earlier calls, restore the base weights, set "
-                    "curvature_at: current, or call reset_edit_state(model) to make the current weights the base.")
-            check_positions(model, hparams.curvature_seq_len, "curvature_seq_len")
-            if path is not None and is_main_process():  # fail before the collection, not after it
-                ensure_writable_dir(path.parent, "cache_dir")
-            factors, source = _collect_capability(model, tok, hparams, targets, progress), "collected"
-            factors.metadata.update(identity)
-        # the eigendecomposition checks the factors are PSD: only factors that pass are cached
-        eigenbases, eigen_source = self._capability_eigenbases(factors, identity, hparams, targets)
-        if source == "collected" and path is not None and is_main_process():
-            factors.save(path)
-            logger.info("cached capability curvature at %s", path)
+        lock = contextlib.nullcontext()
+        if path is not None and not path.exists() and distributed_world()[1] == 1:
+            # another process making the same cache: wait for it and read its file instead of collecting again (not
+            # under torch.distributed, where every rank must join the collection)
+            ensure_writable_dir(path.parent, "cache_dir")
+            lock = cache_lock(path, what=f"the capability curvature cache {path.name}")
+        with lock:
+            if path is not None and path.exists():
+                logger.info("loading capability curvature from %s", path)
+                factors, source = FactorSet.load(path, expected=identity,  # each layer on its device
+                                                 devices={t.name: t.param.device for t in targets}), "disk cache"
+            else:
+                if current_fp["weights_sha256"] != model_fp["weights_sha256"]:
+                    raise ValueError(
+                        "the capability curvature for these settings is neither in this process nor in the disk "
+                        "cache, and the edit weights no longer hold the base weights it must be collected at "
+                        "(curvature_at: base). Use the curvature settings of the earlier calls, restore the base "
+                        "weights, set curvature_at: current, or call reset_edit_state(model) to make the current "
+                        "weights the base.")
+                check_positions(model, hparams.curvature_seq_len, "curvature_seq_len")
+                if path is not None and is_main_process():  # fail before the collection, not after it
+                    ensure_writable_dir(path.parent, "cache_dir")
+                factors, source = _collect_capability(model, tok, hparams, targets, progress), "collected"
+                factors.metadata.update(identity)
+            # the eigendecomposition checks the factors are PSD: only factors that pass are cached
+            eigenbases, eigen_source = self._capability_eigenbases(factors, identity, hparams, targets)
+            if source == "collected" and path is not None and is_main_process():
+                factors.save(path)
+                logger.info("cached capability curvature at %s", path)
         curvature = CapabilityCurvature(identity, factors, eigenbases, source, eigen_source, path is not None)
         if not at_base:  # keep one curvature of edited weights, not one per call (memory stays bounded)
             self.curvatures = {k: c for k, c in self.curvatures.items()
@@ -498,14 +507,13 @@ def load_edit_state(model: nn.Module, path: str | os.PathLike) -> EditState:
                          f"({meta['last_digest'][:12]}...) nor its base weights "
                          f"({meta['base_fingerprint']['weights_sha256'][:12]}...), but {digest[:12]}...: apply the "
                          "saved edits first (or load the state into the model it was saved from)")
-    device = params[names[0]].device
 
     def get(prefix: str, tokens: Mapping[str, int] | None) -> FactorSet | None:
         if tokens is None:
             return None
         try:
-            factors = FactorSet({n: KFACFactors(tensors[f"{prefix}::{n}::A"].to(device),
-                                                tensors[f"{prefix}::{n}::S"].to(device), int(tokens[n]))
+            factors = FactorSet({n: KFACFactors(tensors[f"{prefix}::{n}::A"].to(params[n].device),  # layer's device
+                                                tensors[f"{prefix}::{n}::S"].to(params[n].device), int(tokens[n]))
                                  for n in names}, {})
         except KeyError as exc:
             raise CacheCorruptError(f"edit state {path} lacks {exc.args[0]!r}") from exc
