@@ -44,3 +44,21 @@ def test_first_command_edits_the_embedded_set_from_a_fresh_folder(tmp_path, monk
     assert result["requests"]["dataset"] == "factbook" and result["requests"]["source"] == fe.describe(0)
     before, after = result["before"]["teacher_forced"], result["after"]["teacher_forced"]
     assert before["reliability"] < 0.5 and after["reliability"] >= 0.8  # the edit landed (0.92 on CPU)
+
+
+def test_benchmarks_stay_one_option_away_and_fail_clearly_without_files(tmp_path, monkeypatch, capsys):
+    fresh = tmp_path / "clone"
+    fresh.mkdir()
+    monkeypatch.chdir(fresh)
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    args = ["edit", "--model", "unused", "--quiet"]
+    assert cli.config_from_args(cli.build_parser().parse_args(args)).dataset == "factbook"
+    assert cli.config_from_args(cli.build_parser().parse_args([*args, "--data-path", "f.json"])).dataset == "zsre"
+    picked = cli.config_from_args(cli.build_parser().parse_args([*args, "--dataset", "counterfact"]))
+    assert picked.dataset == "counterfact"
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    assert cli.config_from_args(cli.build_parser().parse_args(args)).dataset == "zsre"
+    with pytest.raises(ValueError, match="reads no file"):
+        data.load_requests("factbook", "f.json")
+    with pytest.raises(FileNotFoundError, match="zsre_eval.json.*CRISPEDIT_DATA_DIR"):
+        data.load_requests("zsre")
