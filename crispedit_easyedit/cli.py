@@ -25,7 +25,7 @@ import sys  # noqa: E402
 import traceback  # noqa: E402
 from typing import Any, Iterator, Sequence  # noqa: E402
 
-from .data import DATASETS  # noqa: E402
+from .data import DATA_DIR_ENV, DATASETS  # noqa: E402
 from .job import DEFAULT_MODEL, SAVE_MODES, JobConfig, UsageError
 
 logger = logging.getLogger("crispedit_easyedit.cli")
@@ -71,9 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def records(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dataset", default="zsre", help=f"one of {', '.join(DATASETS)}")
+        p.add_argument("--dataset", default=None,
+                       help=f"one of {', '.join(DATASETS)}; default factbook (the embedded edit set, no file), or "
+                            f"zsre when --data-path or ${DATA_DIR_ENV} is given")
         p.add_argument("--data-path", default=None,
-                       help="records file (default: $CRISPEDIT_DATA_DIR or the repository's ../shared/data)")
+                       help="records file (.json/.jsonl) or hf:<owner>/<name>[:<file>] (default: the benchmark's "
+                            f"file in ${DATA_DIR_ENV} or the repository's ../shared/data)")
         p.add_argument("--start", type=int, default=0, help="first record index")
         p.add_argument("--count", type=int, default=10, help="number of records to edit")
         p.add_argument("--output-dir", default=None, help="folder for report.md, result.json and the plot")
@@ -113,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     values = dict(model=args.model, hparams=args.hparams, overrides=overrides, device=args.device,
                   dtype=args.dtype, model_cache_dir=args.model_cache_dir, progress=not args.quiet)
     if args.command in ("edit", "eval"):
-        if args.dataset not in DATASETS:
+        if args.dataset is not None and args.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
         values.update(dataset=args.dataset, data_path=args.data_path, start=args.start, count=args.count,
                       output_dir=args.output_dir, n_probes=args.n_probes, heldout_sequences=args.heldout_sequences,

@@ -69,7 +69,7 @@ class JobConfig:
     model: str | None = None
     hparams: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "zsre"
+    dataset: str | None = None  # None: crispedit_easyedit.data.default_dataset(data_path)
     data_path: str | None = None
     start: int = 0
     count: int = 10
@@ -88,6 +88,10 @@ class JobConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.dataset is None:
+            from .data import default_dataset
+
+            self.dataset = default_dataset(self.data_path)
         if self.save not in SAVE_MODES:
             raise ValueError(f"save must be one of {SAVE_MODES}, got {self.save!r}")
         for name in ("count", "n_probes", "heldout_sequences", "heldout_seq_len", "eval_batch_size"):
@@ -338,6 +342,7 @@ def format_report(result: Mapping[str, Any]) -> str:
     lines = [f"# CrispEdit report: {result['config']['job']['model']} on {result['requests']['dataset']} "
              f"records {result['requests']['start']}..{result['requests']['start'] + result['requests']['count'] - 1}"
              f" ({result['requests']['n_edits']} edits, {result['requests']['n_skipped']} skipped)", "",
+             f"Records: {result['requests'].get('source', result['requests']['path'])}", "",
              "| group | metric | before | after | change |", "|---|---|---|---|---|"]
     for row in result["rows"]:
         change = row["change"]
@@ -392,7 +397,8 @@ def prepare(cfg: JobConfig, timer: PhaseTimer):
     Everything that can be checked is checked before the model loads (hparams, the records file and range), and
     the sequence lengths right after it, before any long work.
     """
-    from .data import default_data_path, load_requests
+    from .data import EMBEDDED_DATASET, load_requests
+    from .factbook_edits import edited_countries
     from .models import load_model_and_tokenizer
     from .probes import factbook_probes
 
@@ -401,15 +407,17 @@ def prepare(cfg: JobConfig, timer: PhaseTimer):
         device = str(hparams.torch_device())
         cfg.model = model_name(cfg, hparams)
         with timer.phase("load records"):
-            path = cfg.data_path or default_data_path(cfg.dataset)
-            request_set = load_requests(cfg.dataset, path, cfg.start, cfg.count)
+            request_set = load_requests(cfg.dataset, cfg.data_path, cfg.start, cfg.count)
+            path = request_set.source
         with timer.phase("load model"):
             model, tok = load_model_and_tokenizer(cfg.model, device=device, dtype=cfg.dtype,
                                                   cache_dir=cfg.model_cache_dir)
         edit_targets(model, hparams)  # fail early, with the closest names, if the layers do not exist
         check_lengths(model, hparams, cfg)
+        # the probes never ask about a country the embedded edit set changes (in any of its records)
+        excluded = edited_countries() if cfg.dataset == EMBEDDED_DATASET else ()
         probes = Probes(requests=list(request_set.requests),
-                        probes=factbook_probes(cfg.n_probes) if cfg.n_probes else [],
+                        probes=factbook_probes(cfg.n_probes, exclude_countries=excluded) if cfg.n_probes else [],
                         heldout=heldout_batches(tok, cfg.eval_batch_size, cfg.heldout_sequences, cfg.heldout_seq_len),
                         templates=cfg.templates)
     if not probes.requests:
@@ -418,11 +426,21 @@ def prepare(cfg: JobConfig, timer: PhaseTimer):
     return hparams, model, tok, request_set, path, probes
 
 
+def _portable_source(cfg: JobConfig, source: str) -> str:
+    """The records' source for result files: a file path made portable, a hub spec or the embedded set's name."""
+    from .data import EMBEDDED_DATASET
+
+    if cfg.dataset == EMBEDDED_DATASET or source.startswith("hf:"):
+        return source
+    return portable_path(source)
+
+
 def _result_header(cfg: JobConfig, hparams, request_set, path) -> dict[str, Any]:
     return {
         "config": {"job": dataclasses.asdict(cfg), "hparams": hparams.to_dict(redact_secrets=True)},
         "environment": environment(),
-        "requests": {"dataset": cfg.dataset, "path": portable_path(path), "start": cfg.start, "count": cfg.count,
+        "requests": {"dataset": cfg.dataset, "path": _portable_source(cfg, request_set.source),
+                     "source": _portable_source(cfg, request_set.source), "start": cfg.start, "count": cfg.count,
                      "n_edits": len(request_set.requests), "n_skipped": request_set.n_skipped,
                      "skipped": dict(request_set.skipped)},
     }
