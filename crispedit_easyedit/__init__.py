@@ -8,6 +8,7 @@ The public API is re-exported lazily (importing the package imports neither torc
     apply_crispedit: Algorithm 1 / CrispEdit-Seq on (model, tokenizer, requests, hparams) (``editing``).
     capability_curvature: the cached capability curvature and eigenbases a model's edits use (``state``).
     edit_state, reset_edit_state, save_edit_state, load_edit_state: the per-model edit state (``state``).
+    CurvatureError, NonFiniteError: what bad factors and a diverged edit raise (``checks``).
 """
 
 from typing import Any
@@ -22,6 +23,8 @@ _EXPORTS = {
     "reset_edit_state": "state",
     "save_edit_state": "state",
     "load_edit_state": "state",
+    "CurvatureError": "checks",
+    "NonFiniteError": "checks",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -19,12 +19,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from typing import Any, Iterator, Sequence  # noqa: E402
 
-from .data import DATASETS  # noqa: E402
+from .data import DATA_DIR_ENV, DATASETS  # noqa: E402
 from .job import DEFAULT_MODEL, SAVE_MODES, JobConfig, UsageError
 
 logger = logging.getLogger("crispedit_easyedit.cli")
@@ -70,9 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def records(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dataset", default="zsre", help=f"one of {', '.join(DATASETS)}")
+        p.add_argument("--dataset", default=None,
+                       help=f"one of {', '.join(DATASETS)}; default factbook (the embedded edit set, no file), or "
+                            f"zsre when --data-path or ${DATA_DIR_ENV} is given")
         p.add_argument("--data-path", default=None,
-                       help="records file (default: $CRISPEDIT_DATA_DIR or the repository's ../shared/data)")
+                       help="records file (.json/.jsonl) or hf:<owner>/<name>[:<file>] (default: the benchmark's "
+                            f"file in ${DATA_DIR_ENV} or the repository's ../shared/data)")
         p.add_argument("--start", type=int, default=0, help="first record index")
         p.add_argument("--count", type=int, default=10, help="number of records to edit")
         p.add_argument("--output-dir", default=None, help="folder for report.md, result.json and the plot")
@@ -99,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     records(p_eval)
     p_eval.add_argument("--changed-tensors", default=None,
                         help="changed_tensors.safetensors written by 'crispedit edit --save delta'")
+    p_eval.add_argument("--force-apply", action="store_true",
+                        help="apply --changed-tensors even if the base model's weights fingerprint or dtype differs "
+                             "from the one the edit was made on (a warning names both)")
     return parser
 
 
@@ -109,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     values = dict(model=args.model, hparams=args.hparams, overrides=overrides, device=args.device,
                   dtype=args.dtype, model_cache_dir=args.model_cache_dir, progress=not args.quiet)
     if args.command in ("edit", "eval"):
-        if args.dataset not in DATASETS:
+        if args.dataset is not None and args.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
         values.update(dataset=args.dataset, data_path=args.data_path, start=args.start, count=args.count,
                       output_dir=args.output_dir, n_probes=args.n_probes, heldout_sequences=args.heldout_sequences,
@@ -122,19 +129,52 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return JobConfig(**values)
 
 
+def init_distributed(device: str) -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment): gloo on the CPU,
+    nccl on CUDA. Returns whether one was initialised here."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    logger.info("joined torch.distributed: rank %d of %d", dist.get_rank(), dist.get_world_size())
+    return True
+
+
+def _rank_device(device: str) -> str:
+    """Under torchrun, plain ``cuda`` becomes this rank's ``cuda:LOCAL_RANK``."""
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
 def run_cache(cfg: JobConfig) -> None:
-    from .job import load_hparams, model_name, usage_errors
+    from .curvature import check_positions, is_main_process
+    from .job import load_hparams, model_name, unwritable_as_usage_error, usage_errors
     from .models import load_model_and_tokenizer
     from .state import capability_curvature
 
     with usage_errors():
         hparams = load_hparams(cfg.hparams, cfg.overrides, cfg.device)
-        model, tok = load_model_and_tokenizer(model_name(cfg, hparams), device=str(hparams.torch_device()),
+        device = _rank_device(str(hparams.torch_device()))
+        model, tok = load_model_and_tokenizer(model_name(cfg, hparams), device=device,
                                               dtype=cfg.dtype, cache_dir=cfg.model_cache_dir)
         from .editing import edit_targets
 
         edit_targets(model, hparams)
-    curvature = capability_curvature(model, tok, hparams, progress=cfg.progress)
+        check_positions(model, hparams.curvature_seq_len, "curvature_seq_len")
+    distributed = init_distributed(device)
+    main_process = is_main_process()
+    try:
+        with unwritable_as_usage_error():
+            curvature = capability_curvature(model, tok, hparams, progress=cfg.progress and main_process)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not main_process:
+        return
     print(f"curvature ready ({curvature.source}; eigenbases {curvature.eigen_source}): "
           f"{len(curvature.factors.factors)} layers, {curvature.factors.metadata.get('num_tokens')} tokens, "
           f"cache_dir {hparams.cache_dir}")
@@ -145,6 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with _terminate_as_interrupt():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
     except (ValueError, KeyError, FileNotFoundError) as exc:
@@ -155,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from .job import format_report, run_edit_job, run_eval_job
 
-        result = run_edit_job(cfg) if args.command == "edit" else run_eval_job(cfg, args.changed_tensors)
+        result = (run_edit_job(cfg) if args.command == "edit"
+                  else run_eval_job(cfg, args.changed_tensors, force=args.force_apply))
     except UsageError as exc:
         return _usage_error(exc)
     except Exception as exc:  # noqa: BLE001 - every other failure of the job is reported the same way
@@ -164,6 +210,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nWrote {result['artefacts']['report']}, {result['artefacts']['json']}"
           + (f", {result['artefacts']['plot']}" if "plot" in result["artefacts"] else ""))
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While the command runs, SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C, so the edit weights are
+    restored and temporary files removed by the same ``finally`` blocks (the default SIGTERM kills without them).
+    The previous handler is put back afterwards."""
+    import signal
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from a worker thread): keep the default
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _usage_error(exc: Exception) -> int:

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .checks import CurvatureError, TEMP_PREFIX, check_factor, remove_stale_temporaries, user_file_mode  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,29 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     return (weight.shape[1], weight.shape[0]) if weight_orientation(module) else (weight.shape[0], weight.shape[1])
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow: ``config.max_position_embeddings`` or
+    ``config.n_positions`` (GPT-2), or None when the config names neither."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_positions(model: nn.Module, length: int, what: str) -> None:
+    """Raise ValueError naming ``what`` if sequences of ``length`` tokens exceed the model's positions.
+
+    Checked before any work, because a model fed more positions than it has fails deep inside its embedding (an
+    IndexError for GPT-2's learned positions) after minutes of collection or editing.
+    """
+    limit = max_positions(model)
+    if limit is not None and length > limit:
+        raise ValueError(f"{what} is {length}, but the model has only {limit} positions "
+                         f"(config max_position_embeddings/n_positions); choose {what} <= {limit}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Factors
 
@@ -125,6 +149,18 @@ class KFACFactors:
     A: torch.Tensor
     S: torch.Tensor
     num_tokens: int
+
+
+def check_factors(layer: str, A: torch.Tensor, S: torch.Tensor | None, source: str = "") -> None:
+    """Check both factors of one layer: square, finite, symmetric (positive semi-definiteness is checked on the
+    spectrum, when they are eigendecomposed: :func:`crispedit_easyedit.projector.stable_eigh`).
+
+    Raises:
+        CurvatureError: naming the layer, the factor and what failed.
+    """
+    check_factor(A, layer, "A", source)
+    if S is not None:
+        check_factor(S, layer, "S", source)
 
 
 @dataclass
@@ -191,7 +227,8 @@ class FactorSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected: Mapping[str, Any] | None = None,
-             device: torch.device | str = "cpu") -> "FactorSet":
+             device: torch.device | str = "cpu",
+             devices: Mapping[str, torch.device | str] | None = None) -> "FactorSet":
         """Read a cache written by :meth:`save`, checking its metadata against ``expected``.
 
         Args:
@@ -199,11 +236,14 @@ class FactorSet:
             expected: metadata fields that must match exactly (e.g. the output of :func:`curvature_identity`);
                 a field ``layer_shapes`` ({name: [d_out, d_in]}) is checked against the stored tensors.
             device: where to put the factors.
+            devices: per layer, where to put its factors (each edited layer's device under ``device_map``);
+                layers not named go to ``device``.
 
         Raises:
             FileNotFoundError: no such file.
             CacheCorruptError: the file is truncated, not safetensors, or lacks tensors its metadata names.
             CacheMismatchError: a metadata field or a tensor shape differs from ``expected``.
+            CurvatureError: a stored factor is not finite or not symmetric (see :func:`check_factors`).
         """
         path = Path(path).expanduser()
         if not path.is_file():
@@ -224,7 +264,9 @@ class FactorSet:
             if list(A.shape) != info["A_shape"] or list(S.shape) != info["S_shape"]:
                 raise CacheCorruptError(f"curvature cache {path}: tensors of {name} have shapes {list(S.shape)}, "
                                         f"{list(A.shape)} but the metadata says {info['S_shape']}, {info['A_shape']}")
-            factors[name] = KFACFactors(A.to(device), S.to(device), int(info["num_tokens"]))
+            check_factors(name, A, S, source=str(path))
+            where = (devices or {}).get(name, device)
+            factors[name] = KFACFactors(A.to(where), S.to(where), int(info["num_tokens"]))
         if shapes is not None:
             for name, (d_out, d_in) in shapes.items():
                 if name not in factors:
@@ -240,17 +282,22 @@ class FactorSet:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, Any]) -> Path:
-    """Write ``tensors`` with JSON ``metadata`` atomically (temp file in the same folder + rename)."""
+                      metadata: Mapping[str, Any], meta_key: str = _META_KEY) -> Path:
+    """Write ``tensors`` with JSON ``metadata`` (under ``meta_key``) atomically: a temporary file in the same folder,
+    renamed into place. The file gets the user's normal permissions (0o666 & ~umask), not mkstemp's 0600, and
+    temporary files that earlier, interrupted writes left in the folder (older than
+    :data:`~crispedit_easyedit.checks.STALE_TEMP_SECONDS`) are removed first."""
     from safetensors.torch import save_file
 
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    remove_stale_temporaries(path.parent, TEMP_PREFIX + "*.safetensors")
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".safetensors", dir=path.parent)
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={_META_KEY: json.dumps(metadata, sort_keys=True, default=str)})
+                  metadata={meta_key: json.dumps(metadata, sort_keys=True, default=str)})
+        os.chmod(tmp, user_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -258,29 +305,31 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     return path
 
 
-def read_safetensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_safetensors(path: str | os.PathLike, what: str = "file",
+                     meta_key: str = _META_KEY) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and JSON metadata of a file written by :func:`write_safetensors` (on the CPU).
 
     Raises:
         FileNotFoundError: no such file.
-        CacheCorruptError: the file is truncated, not safetensors, or has no crispedit_easyedit metadata.
+        CacheCorruptError: the file is truncated, not safetensors, or has no metadata under ``meta_key``.
     """
     from safetensors import safe_open
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"no {what} at {path}")
+        raise FileNotFoundError(f"no {what} at {path}" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            raw = (handle.metadata() or {}).get(_META_KEY)
+            raw = (handle.metadata() or {}).get(meta_key)
             if raw is None:
-                raise CacheCorruptError(f"{path} is a safetensors file without crispedit_easyedit metadata")
+                raise CacheCorruptError(f"{path} is a safetensors file without crispedit_easyedit metadata "
+                                        f"({meta_key!r}): not a {what}")
             return {key: handle.get_tensor(key) for key in handle.keys()}, json.loads(raw)
     except CacheError:
         raise
     except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
         raise CacheCorruptError(f"{what} {path} cannot be read ({type(exc).__name__}: {exc}); "
-                                "delete it to recompute") from exc
+                                "delete it or write it again") from exc
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,6 +419,62 @@ def identity_key(identity: Mapping[str, Any]) -> str:
 def cache_path_for(cache_dir: str | os.PathLike, identity: Mapping[str, Any]) -> Path:
     """``{cache_dir}/kfac-<identity_key(identity)>.safetensors``."""
     return Path(cache_dir).expanduser() / f"kfac-{identity_key(identity)}.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.distributed
+
+
+def distributed_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group, or (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of an initialised process group, and always without one (the process that writes caches)."""
+    return distributed_world()[0] == 0
+
+
+def shard_batches(batches: list, rank: int | None = None, world: int | None = None) -> list:
+    """This rank's share of ``batches``: every ``world``-th batch from index ``rank`` (all of them without a process
+    group). Together the shards cover every batch exactly once."""
+    if rank is None or world is None:
+        rank, world = distributed_world()
+    return list(batches)[rank::world]
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embedding's device (the first device under ``device_map="auto"``)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
+def output_device(model: nn.Module) -> torch.device:
+    """Where the logits come out: the output embedding's (LM head's) device (the last one under ``device_map``)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
+def _all_reduce_sums(tensors: list[torch.Tensor], counts: list[int], device: torch.device) -> list[int]:
+    """Sum ``tensors`` in place and ``counts`` across the ranks of the default process group (no-op without one).
+
+    Counts travel as one float64 tensor on ``device`` (exact up to 2**53); the factor sums keep their dtype.
+    """
+    import torch.distributed as dist
+
+    if distributed_world()[1] == 1:
+        return counts
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    totals = torch.tensor(counts, dtype=torch.float64, device=device)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return [int(v) for v in totals.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,7 +590,17 @@ def collect_kfac_factors(
     Returns:
         A FactorSet with A and S normalised by the number of counted tokens (S also by ``mc_samples``).
 
+    Under ``torch.distributed`` (an initialised default process group) each rank passes its own shard of the
+    batches (:func:`shard_batches`); the factor sums and the token and sequence counts are all-reduced, so every rank
+    returns the factors of all shards together (equal to one process over every batch, up to float summation order;
+    with ``"mc"`` the sampled labels differ, so only in expectation). The label sampler of rank r is seeded with
+    ``seed + r``. Every rank must call this function, also one with no batches.
+
     The model's requires_grad flags, training mode and weights are as before afterwards, also when this raises.
+
+    Raises:
+        ValueError: no token positions were counted (on any rank).
+        CurvatureError: a factor is not finite or not symmetric (e.g. the model holds NaN weights).
     """
     if fisher_type not in FISHER_TYPES:
         raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
@@ -500,8 +615,9 @@ def collect_kfac_factors(
     accumulators = {}
     num_tokens = 0
     num_sequences = 0
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed) if fisher_type == "mc" else None
+    device, out_device = input_device(model), output_device(model)  # differ under device_map="auto"
+    rank, _ = distributed_world()
+    generator = torch.Generator(device=out_device).manual_seed(seed + rank) if fisher_type == "mc" else None
     started = time.perf_counter()
     try:
         model.eval()
@@ -519,18 +635,19 @@ def collect_kfac_factors(
             n = int(counted.sum())
             if n == 0:
                 continue
-            for acc in accumulators.values():
-                acc.positions = counted
+            for acc in accumulators.values():  # each layer's mask on its own device, moved once per batch
+                acc.positions = counted.to(acc.A.device)
             with torch.enable_grad():
                 logits = model(**model_inputs(model, input_ids, attention_mask)).logits
-                selected = logits[counted]
+                counted_out = counted.to(logits.device)
+                selected = logits[counted_out]
                 log_probs = torch.log_softmax(selected.to(torch.promote_types(selected.dtype, torch.float32)),
                                               dim=-1)  # (n, vocab), at least fp32
                 for k in range(passes):
                     if fisher_type == "mc":
                         labels = torch.multinomial(log_probs.detach().exp(), 1, generator=generator).squeeze(1)
                     else:
-                        labels = input_ids[:, 1:][counted[:, :-1]]
+                        labels = input_ids[:, 1:][counted[:, :-1]].to(log_probs.device)
                     loss = -log_probs.gather(1, labels[:, None]).sum()
                     loss.backward(retain_graph=k < passes - 1)
             num_tokens += n
@@ -543,12 +660,16 @@ def collect_kfac_factors(
         for name, p in model.named_parameters():
             p.requires_grad_(saved_flags[name])
         model.train(was_training)
+    sums = [t for acc in accumulators.values() for t in (acc.A, acc.S)]
+    num_tokens, num_sequences = _all_reduce_sums(sums, [num_tokens, num_sequences], device)
     if num_tokens == 0:
         raise ValueError("no token positions were counted: every batch was empty or fully masked")
     factors = {
         name: KFACFactors(A=acc.A / num_tokens, S=acc.S / (num_tokens * passes), num_tokens=num_tokens)
         for name, acc in accumulators.items()
     }
+    for name, f in factors.items():
+        check_factors(name, f.A, f.S, source="collected")
     meta = {"num_tokens": num_tokens, "num_sequences": num_sequences, "fisher_type": fisher_type,
             "mc_samples": passes, "dtype": str(dtype).replace("torch.", ""),
             "exclude_first_tokens": exclude_first_tokens, "seconds": round(time.perf_counter() - started, 3)}

@@ -1,4 +1,4 @@
-"""Benchmark records (ZsRE, CounterFact, WikiBigEdit) -> EasyEdit edit requests.
+"""Benchmark records (ZsRE, CounterFact, WikiBigEdit, and the embedded Factbook set) -> EasyEdit edit requests.
 
 Every request is a dict in EasyEdit's request layout::
 
@@ -18,8 +18,12 @@ Field mapping:
 
 - ZsRE (MEND files): prompt = ``src``, target_new = ``alt``, ground_truth = ``answers[0]``, rephrase_prompt =
   ``rephrase``, locality = ``loc`` without its leading ``"nq question: "`` / ``loc_ans``, subject = ``subject``.
-- CounterFact (EasyEdit "counterfact-edit" format): the EasyEdit names ``prompt, target_new, ground_truth,
-  rephrase_prompt, subject, locality_prompt, locality_ground_truth``.
+- CounterFact, either EasyEdit's "counterfact-edit" form with the EasyEdit names ``prompt, target_new,
+  ground_truth, rephrase_prompt, subject, locality_prompt, locality_ground_truth``, or the ROME/MEMIT release form
+  (``counterfact.json``, ``multi_counterfact.json``): prompt = ``requested_rewrite.prompt`` with ``{}`` replaced by
+  ``requested_rewrite.subject``, target_new / ground_truth = ``requested_rewrite.target_new.str`` /
+  ``target_true.str``, rephrase_prompt = ``paraphrase_prompts[0]``, locality = ``neighborhood_prompts[0]`` with the
+  true target as its answer (neighbours share the subject's true object). The form is detected per record.
 - WikiBigEdit, either CrispEdit's 6-field form (``prompt, target_new, subject, rephrase_prompt, locality_prompt,
   locality_ground_truth``, optional ``ground_truth``) or the original release form as EasyEdit main's
   ``WikiBigEditDataset`` reads it: prompt = ``update``, target_new = ``ans``, rephrase_prompt = ``rephrase``,
@@ -30,6 +34,11 @@ Records lacking a required field (prompt, target_new, and ground_truth for ZsRE 
 counted per reason in :attr:`RequestSet.skipped`; missing optional fields are counted in
 :attr:`RequestSet.missing`. The literal rephrase placeholder ``"Reformulated Question:"`` counts as a missing
 rephrase. All strings are stripped of surrounding whitespace.
+
+Files are ``.json`` lists or ``.jsonl`` lines, given by path or as ``"hf:<owner>/<name>[:<file>]"`` (a file of a
+hub dataset repository, fetched by ``huggingface_hub``; needs internet the first time). The dataset ``"factbook"``
+is generated, not read (:mod:`crispedit_easyedit.factbook_edits`); :func:`default_dataset` says which dataset is
+used when none is named.
 
 This module never imports EasyEdit.
 """
@@ -48,7 +57,11 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("zsre", "counterfact", "wikibigedit")
+DATASETS: tuple[str, ...] = ("factbook", "zsre", "counterfact", "wikibigedit")
+#: The embedded edit set (:mod:`crispedit_easyedit.factbook_edits`): generated, never read from a file.
+EMBEDDED_DATASET = "factbook"
+#: Benchmarks read from files.
+FILE_DATASETS: tuple[str, ...] = ("zsre", "counterfact", "wikibigedit")
 #: File names of the records that :func:`default_data_path` looks for.
 DEFAULT_FILES: dict[str, str] = {
     "zsre": "zsre_eval.json",
@@ -211,7 +224,38 @@ def _zsre_fields(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def is_rome_counterfact_form(record: Mapping[str, Any]) -> bool:
+    """Whether a CounterFact record uses the ROME/MEMIT release fields (``requested_rewrite``, ...)."""
+    return isinstance(record.get("requested_rewrite"), Mapping)
+
+
+def _first(value: Any) -> Any:
+    """The first element of a non-empty list (None for an empty or missing one); other values unchanged."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return value[0] if value else None
+    return value
+
+
+def _rome_counterfact_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    rewrite = record["requested_rewrite"]
+    template, subject = rewrite.get("prompt"), rewrite.get("subject")
+    prompt = template.replace("{}", subject) if isinstance(template, str) and isinstance(subject, str) else None
+    truth = (rewrite.get("target_true") or {}).get("str")
+    return {
+        "prompt": prompt,
+        "target_new": (rewrite.get("target_new") or {}).get("str"),
+        "ground_truth": truth,
+        "ground_truth_required": True,
+        "rephrase_prompt": _first(record.get("paraphrase_prompts")),
+        "subject": subject,
+        "locality_prompt": _first(record.get("neighborhood_prompts")),
+        "locality_ground_truth": truth,
+    }
+
+
 def _counterfact_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    if is_rome_counterfact_form(record):
+        return _rome_counterfact_fields(record)
     return {
         "prompt": record.get("prompt"),
         "target_new": record.get("target_new"),
@@ -276,9 +320,69 @@ def _check_dataset(dataset: str) -> None:
         raise ValueError(f"Unknown dataset {dataset!r}; valid choices: {list(DATASETS)}.")
 
 
+def default_dataset(data_path: str | os.PathLike[str] | None = None) -> str:
+    """The dataset used when none is named.
+
+    ``"zsre"`` when a benchmark file is configured (``data_path`` given, or ``$CRISPEDIT_DATA_DIR`` set and not
+    empty), as before the embedded set existed; otherwise ``"factbook"``, the embedded edit set, which needs no file.
+    A sibling ``../shared/data`` folder alone does not count as configuring one: the same command edits the same
+    records on every machine.
+    """
+    if data_path is not None or os.environ.get(DATA_DIR_ENV):
+        return "zsre"
+    return EMBEDDED_DATASET
+
+
+HF_PREFIX = "hf:"
+_RECORD_SUFFIXES = (".json", ".jsonl")
+
+
+def resolve_records_path(path: str | os.PathLike[str]) -> Path:
+    """A local records file for a path or a hub dataset spec.
+
+    ``"hf:<owner>/<name>:<file>"`` downloads ``<file>`` (a ``.json`` or ``.jsonl`` file as the dataset repository
+    publishes it) with ``huggingface_hub.hf_hub_download`` into the hub cache, or takes it from that cache when
+    offline (``HF_HUB_OFFLINE=1``); ``"hf:<owner>/<name>"`` does the same when the repository holds exactly one such
+    file (listing it needs internet). Anything else is a local path.
+
+    Raises:
+        ValueError: for a spec without a repository, a file that is not ``.json``/``.jsonl``, or a repository that
+            does not hold exactly one records file (naming those it holds).
+        FileNotFoundError: when the file cannot be fetched (no internet, not cached, no such repository or file).
+    """
+    text = os.fspath(path)
+    if not text.startswith(HF_PREFIX):
+        return Path(text)
+    repo, _, filename = text[len(HF_PREFIX):].partition(":")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"{text!r} names no hub dataset; valid form: 'hf:<owner>/<name>[:<file>.json|.jsonl]'.")
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    try:
+        if not filename:
+            files = [f for f in list_repo_files(repo, repo_type="dataset") if f.lower().endswith(_RECORD_SUFFIXES)]
+            if len(files) != 1:
+                raise ValueError(f"hub dataset {repo!r} holds {len(files)} .json/.jsonl files {files[:20]}; name "
+                                 f"one: 'hf:{repo}:<file>'.")
+            filename = files[0]
+        if not filename.lower().endswith(_RECORD_SUFFIXES):
+            raise ValueError(f"{text!r}: the records file must end in .json or .jsonl, got {filename!r}.")
+        return Path(hf_hub_download(repo, filename, repo_type="dataset"))
+    except ValueError:
+        raise
+    except Exception as err:  # the hub's errors: offline, not cached, unknown repository or file, HTTP errors
+        raise FileNotFoundError(
+            f"could not get {filename or 'the records file'!r} of hub dataset {repo!r} ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]}). Without internet, pass a local file with --data-path or set "
+            f"{DATA_DIR_ENV}."
+        ) from err
+
+
 def read_records(path: str | os.PathLike[str]) -> list[Any]:
     """Read benchmark records from a JSON list (``.json``) or JSON lines (``.jsonl``) file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"Benchmark file {str(path)!r} is a folder; give a .json or .jsonl records file.")
     if not path.is_file():
         raise FileNotFoundError(f"Benchmark file {str(path)!r} does not exist.")
     if path.suffix.lower() == ".jsonl":
@@ -291,8 +395,11 @@ def read_records(path: str | os.PathLike[str]) -> list[Any]:
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{line_no} is not valid JSON: {err}") from err
         return records
-    with path.open(encoding="utf-8") as handle:
-        records = json.load(handle)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            records = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid UTF-8 JSON (truncated or damaged?): {err}") from err
     if not isinstance(records, list):
         raise ValueError(f"{path} must hold a JSON list of records, found {type(records).__name__}.")
     return records
@@ -354,23 +461,35 @@ def load_requests(
     """Load edit requests of a benchmark.
 
     Args:
-        dataset: ``"zsre"``, ``"counterfact"`` or ``"wikibigedit"``.
-        path: A ``.json`` list or ``.jsonl`` file of records; default :func:`default_data_path` ``(dataset)``.
+        dataset: ``"factbook"`` (the embedded set, :mod:`crispedit_easyedit.factbook_edits`, default seed; it takes
+            no path), ``"zsre"``, ``"counterfact"`` or ``"wikibigedit"``.
+        path: A ``.json`` list or ``.jsonl`` file of records, or ``"hf:<owner>/<name>[:<file>]"`` (see
+            :func:`resolve_records_path`); default :func:`default_data_path` ``(dataset)``.
         start: Index of the first record in the file (records, not requests: skipped records still count).
         count: Number of records to read from ``start``; None reads to the end.
 
     Returns:
-        A :class:`RequestSet`.
+        A :class:`RequestSet`; its ``source`` is the path or hub spec as given (or the embedded set's description).
 
     Raises:
-        ValueError: for an unknown dataset or an out-of-range ``start``/``count`` (naming the valid range).
-        FileNotFoundError: if the file does not exist.
+        ValueError: for an unknown dataset, a path given with ``"factbook"`` or an out-of-range ``start``/``count``
+            (naming the valid range).
+        FileNotFoundError: if the file does not exist or cannot be fetched from the hub.
     """
     _check_dataset(dataset)
-    file = Path(path) if path is not None else default_data_path(dataset)
+    if dataset == EMBEDDED_DATASET:
+        if path is not None:
+            raise ValueError(f"dataset {EMBEDDED_DATASET!r} is the embedded edit set and reads no file (got "
+                             f"{os.fspath(path)!r}); name the file's benchmark instead, one of {list(FILE_DATASETS)}.")
+        from .factbook_edits import factbook_edits
+
+        return factbook_edits(start=start, count=count)
+    source = os.fspath(path) if path is not None else None
+    file = resolve_records_path(path) if path is not None else default_data_path(dataset)
+    source = source or str(file)
     records = read_records(file)
-    stop = check_range(len(records), start, count, source=str(file))
-    return build_request_set(dataset, [(i, records[i]) for i in range(start, stop)], str(file), start, stop)
+    stop = check_range(len(records), start, count, source=source)
+    return build_request_set(dataset, [(i, records[i]) for i in range(start, stop)], source, start, stop)
 
 
 def _repository_root(start: Path) -> Path | None:
@@ -391,6 +510,9 @@ def default_data_path(dataset: str) -> Path:
         FileNotFoundError: naming every place tried and how to fix it.
     """
     _check_dataset(dataset)
+    if dataset == EMBEDDED_DATASET:
+        raise ValueError(f"dataset {EMBEDDED_DATASET!r} is the embedded edit set and has no file; files exist for "
+                         f"{list(FILE_DATASETS)}.")
     name = DEFAULT_FILES[dataset]
     candidates: list[Path] = []
     env = os.environ.get(DATA_DIR_ENV)

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_finite_step
 from .curvature import (
-    FACTOR_DTYPES, FactorSet, collect_kfac_factors, model_fingerprint, model_inputs, resolve_module,
-    weight_orientation,
+    FACTOR_DTYPES, FactorSet, check_factors, check_positions, collect_kfac_factors, input_device, model_fingerprint,
+    model_inputs, resolve_module, shard_batches, weight_orientation,
 )
 from .optim import ProjectedAdam, leak_fraction
 from .projector import Eigenbasis, KroneckerProjector, kfac_quadratic_form
@@ -40,6 +41,32 @@ def _needs_space(prompt: str, target: str) -> bool:
     return bool(prompt) and not prompt[-1].isspace() and not target[:1].isspace()
 
 
+def validate_requests(requests: Any) -> None:
+    """Check EasyEdit request dicts before any work: a non-empty sequence of mappings, each with a non-empty string
+    ``prompt`` and ``target_new``.
+
+    Raises:
+        ValueError: naming the request index, the field and the value found.
+    """
+    if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Sequence):
+        raise ValueError(f"requests must be a list of request dicts with 'prompt' and 'target_new', got a "
+                         f"{type(requests).__name__}")
+    if not requests:
+        raise ValueError("no edit requests given")
+    for index, request in enumerate(requests):
+        if not isinstance(request, Mapping):
+            raise ValueError(f"request {index} must be a dict with 'prompt' and 'target_new', got a "
+                             f"{type(request).__name__}: {request!r:.80}")
+        for key in ("prompt", "target_new"):
+            if key not in request:
+                raise ValueError(f"request {index} has no {key!r} (it has {sorted(map(str, request))})")
+            value = request[key]
+            if not isinstance(value, str):
+                raise ValueError(f"request {index}: {key} must be a string, got {type(value).__name__} {value!r:.80}")
+            if not value.strip():
+                raise ValueError(f"request {index}: {key} is empty ({value!r}); give a non-empty string")
+
+
 def tokenize_edit(tok, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
     """Token ids of prompt + target and their labels (IGNORE_INDEX on the prompt).
 
@@ -51,8 +78,10 @@ def tokenize_edit(tok, prompt: str, target: str, max_length: int) -> tuple[list[
     Returns:
         (input_ids, labels), two lists of equal length.
     """
-    if not target or not target.strip():
-        raise ValueError(f"empty target_new for prompt {prompt!r}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"the prompt must be a non-empty string, got {prompt!r}")
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError(f"empty target_new: it must be a non-empty string, got {target!r} (prompt {prompt!r})")
     prompt_ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
     eos, bos = tok.eos_token_id, tok.bos_token_id
     if prompt_ids and eos is not None and prompt_ids[-1] == eos and eos != bos:
@@ -99,7 +128,7 @@ def edit_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torc
         batch: ``input_ids``, ``attention_mask``, ``labels`` of shape (batch, T) on the model's device.
     """
     logits = model(**model_inputs(model, batch["input_ids"], batch["attention_mask"])).logits
-    labels = batch["labels"][:, 1:]
+    labels = batch["labels"][:, 1:].to(logits.device)  # the LM head's device, under device_map the last one
     logits = logits[:, :-1]
     counted = labels != IGNORE_INDEX
     n = int(counted.sum())
@@ -228,8 +257,11 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
 
     Returns:
         (epochs run, optimizer steps, mean loss per epoch).
+
+    Raises:
+        NonFiniteError: a loss, gradient or step is NaN or inf (the weights may be changed; the caller restores).
     """
-    device = targets[0].param.device
+    device = input_device(model)  # the embedding's device (not an edited layer's, under device_map)
     examples = [tokenize_edit(tok, r["prompt"], r["target_new"], hparams.max_length) for r in requests]
     pad = pad_token_id(tok)
     projections = [None if projectors is None else _projection_fn(t, projectors[t.name]) for t in targets]
@@ -248,6 +280,7 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
             batch = {key: value.to(device) for key, value in batch.items()}
             optimizer.zero_grad()
             loss, n = edit_loss(model, batch)
+            check_finite_step(loss.detach(), f"edit loss at step {steps + 1}")
             loss.backward()
             optimizer.step()
             steps += 1
@@ -278,8 +311,9 @@ def edit_statistics(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
             loss_mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts target token t+1
             batch["loss_mask"] = loss_mask
         batches.append(batch)
-    return collect_kfac_factors(
-        model, [t.name for t in targets], batches, fisher_type=hparams.fisher_type, mc_samples=hparams.mc_samples,
+    return collect_kfac_factors(  # sharded across ranks under torch.distributed, like the capability statistics
+        model, [t.name for t in targets], shard_batches(batches), fisher_type=hparams.fisher_type,
+        mc_samples=hparams.mc_samples,
         dtype=FACTOR_DTYPES[hparams.mom2_dtype], seed=seed, exclude_first_tokens=hparams.exclude_first_tokens,
         progress=False)
 
@@ -305,11 +339,17 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
 
     Returns:
         An EditReport (also logged as a one-line receipt).
+
+    Raises:
+        ValueError: a bad request (naming its index and field), invalid hparams (they are validated again here, so
+            a field set after construction is checked too), ``factors`` that lack an edited layer, or
+            ``max_length`` beyond the model's positions; all before any work.
+        NonFiniteError: the edit diverged (non-finite loss or step); the weights and state are restored.
+        CurvatureError: the capability factors are not finite, symmetric and positive semi-definite.
     """
     from .state import CapabilityCurvature, EditState, UnrecordedChunk, _eigenbases_for, attach_state
 
-    if not requests:
-        raise ValueError("no edit requests given")
+    check_edit_inputs(model, requests, hparams, factors)
     targets = edit_targets(model, hparams)
     names = [t.name for t in targets]
     originals = {t.name: t.param.detach().clone() for t in targets}
@@ -396,6 +436,32 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
         model.train(was_training)
     logger.info(report.summary())
     return report
+
+
+def check_edit_inputs(model: nn.Module, requests: Sequence[Mapping[str, Any]], hparams,
+                      factors: FactorSet | None = None) -> None:
+    """Everything :func:`apply_crispedit` can check before it starts: the requests, the hparams (validated again,
+    so a field changed after construction is caught), the edit weights, ``max_length`` against the model's
+    positions, and that given ``factors`` cover every edited layer with its shape.
+
+    Raises:
+        ValueError or KeyError: naming the bad value and what is allowed.
+    """
+    validate_requests(requests)
+    if callable(getattr(hparams, "validate", None)):
+        hparams.validate()
+    targets = edit_targets(model, hparams)
+    check_positions(model, hparams.max_length, "max_length")
+    if factors is None:
+        return
+    for t in targets:
+        if t.name not in factors.factors:
+            raise ValueError(f"the given factors have no layer {t.name!r} (an edited layer); they hold "
+                             f"{sorted(factors.factors)}: collect them for hparams.layers {list(hparams.layers)}")
+        found = (factors[t.name].S.shape[0], factors[t.name].A.shape[0])
+        if found != t.shape:
+            raise ValueError(f"the given factors of {t.name} are for (d_out, d_in) = {found}, the weight is {t.shape}")
+        check_factors(t.name, factors[t.name].A, factors[t.name].S, source="given")
 
 
 def _layer_diagnostics(report: EditReport, targets: Sequence[EditTarget], originals: Mapping[str, torch.Tensor],

@@ -369,8 +369,8 @@ class CrispEditHyperParams:
         unknown = [k for k in config if k not in valid]
         if unknown:
             key = unknown[0]
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            close = suggest_key(str(key), valid)
+            hint = f"did you mean {close!r}?" if close else f"valid keys: {', '.join(valid)}"
             raise ValueError(f"unknown CrispEdit hparams key {key!r}: {hint}")
         missing = [f.name for f in fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -399,7 +399,8 @@ class CrispEditHyperParams:
 
         Raises:
             FileNotFoundError: the file does not exist.
-            ValueError: the file is empty or not a mapping, or holds invalid values.
+            ValueError: the path is a folder, the file is not UTF-8, repeats a key, is empty or not a mapping, or
+                holds invalid values.
         """
         path_str = str(hparams_name_or_path)
         if not path_str.endswith((".yaml", ".yml", ".json")):
@@ -407,14 +408,71 @@ class CrispEditHyperParams:
         path = Path(path_str).expanduser()
         if path.suffix == ".json":
             return cls.from_json(path)
+        if path.is_dir():
+            raise ValueError(f"CrispEdit hparams path {str(path)!r} is a folder; give a YAML file")
         if not path.is_file():
             raise FileNotFoundError(f"CrispEdit hparams file not found: {str(path)!r}")
-        with path.open("r", encoding="utf-8") as stream:
-            config = yaml.safe_load(stream)
+        try:
+            with path.open("r", encoding="utf-8") as stream:
+                config = yaml.load(stream, Loader=UniqueKeySafeLoader)  # noqa: S506 - a SafeLoader subclass
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"CrispEdit hparams file {str(path)!r} is not UTF-8 text (byte {exc.start}: "
+                             f"{exc.object[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
+        except yaml.YAMLError as exc:  # a repeated key or a syntax error: one line naming the file
+            raise ValueError(f"CrispEdit hparams file {str(path)!r} is not valid YAML: "
+                             f"{' '.join(str(exc).split())}") from exc
         if not isinstance(config, dict):
             raise ValueError(f"CrispEdit hparams file {str(path)!r} must hold a YAML mapping, got "
                              f"{type(config).__name__}")
         return cls.from_dict(config)
+
+
+class UniqueKeySafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a mapping repeating a key (plain YAML keeps the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1}); each key "
+                    "may appear once", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+KEY_ALIASES: dict[str, str] = {
+    "gamma": "energy_threshold", "energy": "energy_threshold", "threshold": "energy_threshold",
+    "n": "mom2_n_samples", "num_samples": "mom2_n_samples", "n_samples": "mom2_n_samples",
+    "mom2_samples": "mom2_n_samples", "samples": "mom2_n_samples",
+    "chunk": "chunk_size", "chunks": "chunk_size", "seq_chunk_size": "chunk_size",
+    "lr_rate": "lr", "learning_rate": "lr", "step_size": "lr",
+    "epochs": "num_steps", "num_epochs": "num_steps", "steps": "num_steps", "n_steps": "num_steps",
+    "minibatch_size": "train_batch_size", "mini_batch_size": "train_batch_size",
+    "layer": "layers", "layer_ids": "layers", "edit_layers": "layers",
+    "corpus": "mom2_dataset", "dataset": "mom2_dataset", "stats_dataset": "mom2_dataset",
+    "seq_len": "curvature_seq_len", "sequence_length": "curvature_seq_len",
+    "fisher": "fisher_type", "mode": "projection_mode", "projection": "projection_mode",
+    "dtype": "mom2_dtype", "factor_dtype": "mom2_dtype", "cache": "cache_dir", "model": "model_name",
+    "max_len": "max_length", "wd": "weight_decay", "module": "rewrite_module_tmp",
+}
+"""Names users type for a field (the paper's symbols, other libraries' names) -> the field; used for suggestions
+only, never accepted silently."""
+
+
+def suggest_key(key: str, valid: list[str]) -> str | None:
+    """The field an unknown key most likely means: an alias (:data:`KEY_ALIASES`, also misspelled), else a close
+    spelling of a field; None when nothing is close (no far-fetched guesses such as ``gama`` -> ``alg_name``)."""
+    lowered = key.strip().lower().replace("-", "_")
+    if lowered in valid:
+        return lowered
+    if lowered in KEY_ALIASES:
+        return KEY_ALIASES[lowered]
+    candidates = {name: name for name in valid}
+    candidates.update(KEY_ALIASES)
+    close = difflib.get_close_matches(lowered, list(candidates), n=1, cutoff=0.75)
+    return candidates[close[0]] if close else None
 
 
 def _from_numeric_string(name: str, value: Any, allowed: str) -> Any:

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from . import __version__
-from .editing import apply_crispedit, edit_targets
+from .editing import apply_crispedit, check_edit_inputs, edit_targets
 from .state import capability_curvature
 from .hparams import CrispEditHyperParams
 
@@ -51,6 +51,17 @@ def usage_errors() -> Iterator[None]:
         raise UsageError(message) from exc
 
 
+@contextmanager
+def unwritable_as_usage_error() -> Iterator[None]:
+    """Re-raise NotWritableError (e.g. a read-only cache_dir, found before the collection) as UsageError."""
+    from .checks import NotWritableError
+
+    try:
+        yield
+    except NotWritableError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 @dataclass
 class JobConfig:
     """Everything the main job needs; every field has a CLI option of the same name."""
@@ -58,7 +69,7 @@ class JobConfig:
     model: str | None = None
     hparams: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "zsre"
+    dataset: str | None = None  # None: crispedit_easyedit.data.default_dataset(data_path)
     data_path: str | None = None
     start: int = 0
     count: int = 10
@@ -77,6 +88,10 @@ class JobConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.dataset is None:
+            from .data import default_dataset
+
+            self.dataset = default_dataset(self.data_path)
         if self.save not in SAVE_MODES:
             raise ValueError(f"save must be one of {SAVE_MODES}, got {self.save!r}")
         for name in ("count", "n_probes", "heldout_sequences", "heldout_seq_len", "eval_batch_size"):
@@ -140,6 +155,9 @@ def load_hparams(path: str | None, overrides: Mapping[str, Any], device: str | N
     path = Path(path) if path else DEFAULT_HPARAMS
     if not path.exists() and not path.with_suffix(".yaml").exists():
         raise FileNotFoundError(f"hparams file {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"--hparams {str(path)!r} is a folder; give a YAML file such as "
+                         f"hparams/CrispEdit/{DEFAULT_HPARAMS.name}")
     import yaml
 
     try:
@@ -324,6 +342,7 @@ def format_report(result: Mapping[str, Any]) -> str:
     lines = [f"# CrispEdit report: {result['config']['job']['model']} on {result['requests']['dataset']} "
              f"records {result['requests']['start']}..{result['requests']['start'] + result['requests']['count'] - 1}"
              f" ({result['requests']['n_edits']} edits, {result['requests']['n_skipped']} skipped)", "",
+             f"Records: {result['requests'].get('source', result['requests']['path'])}", "",
              "| group | metric | before | after | change |", "|---|---|---|---|---|"]
     for row in result["rows"]:
         change = row["change"]
@@ -351,9 +370,35 @@ def _public(metrics: Mapping[str, Any]) -> dict[str, Any]:
 # Jobs
 
 
+def output_dir(cfg: JobConfig, kind: str) -> Path:
+    """The job's output folder (``--output-dir`` or a timestamped one under outputs/), checked to be writable
+    before any work (nothing is created yet)."""
+    from .checks import ensure_writable_dir
+
+    default = (f"outputs/crispedit-{cfg.dataset}-{cfg.start}-{cfg.count}-" if kind == "edit"
+               else f"outputs/eval-{cfg.dataset}-") + time.strftime("%Y%m%d-%H%M%S")
+    with usage_errors():
+        return ensure_writable_dir(cfg.output_dir or default, "--output-dir")
+
+
+def check_lengths(model, hparams, cfg: JobConfig | None = None) -> None:
+    """Every sequence length against the model's positions (curvature_seq_len, max_length, --heldout-seq-len)."""
+    from .curvature import check_positions
+
+    check_positions(model, hparams.curvature_seq_len, "curvature_seq_len")
+    check_positions(model, hparams.max_length, "max_length")
+    if cfg is not None:
+        check_positions(model, cfg.heldout_seq_len, "--heldout-seq-len")
+
+
 def prepare(cfg: JobConfig, timer: PhaseTimer):
-    """Load hparams, model, tokenizer, requests, probes and held-out text (shared by the edit and eval jobs)."""
-    from .data import default_data_path, load_requests
+    """Load hparams, requests, model, tokenizer, probes and held-out text (shared by the edit and eval jobs).
+
+    Everything that can be checked is checked before the model loads (hparams, the records file and range), and
+    the sequence lengths right after it, before any long work.
+    """
+    from .data import EMBEDDED_DATASET, load_requests
+    from .factbook_edits import edited_countries
     from .models import load_model_and_tokenizer
     from .probes import factbook_probes
 
@@ -361,15 +406,18 @@ def prepare(cfg: JobConfig, timer: PhaseTimer):
         hparams = load_hparams(cfg.hparams, cfg.overrides, cfg.device)
         device = str(hparams.torch_device())
         cfg.model = model_name(cfg, hparams)
+        with timer.phase("load records"):
+            request_set = load_requests(cfg.dataset, cfg.data_path, cfg.start, cfg.count)
+            path = request_set.source
         with timer.phase("load model"):
             model, tok = load_model_and_tokenizer(cfg.model, device=device, dtype=cfg.dtype,
                                                   cache_dir=cfg.model_cache_dir)
         edit_targets(model, hparams)  # fail early, with the closest names, if the layers do not exist
-        with timer.phase("load records"):
-            path = cfg.data_path or default_data_path(cfg.dataset)
-            request_set = load_requests(cfg.dataset, path, cfg.start, cfg.count)
+        check_lengths(model, hparams, cfg)
+        # the probes never ask about a country the embedded edit set changes (in any of its records)
+        excluded = edited_countries() if cfg.dataset == EMBEDDED_DATASET else ()
         probes = Probes(requests=list(request_set.requests),
-                        probes=factbook_probes(cfg.n_probes) if cfg.n_probes else [],
+                        probes=factbook_probes(cfg.n_probes, exclude_countries=excluded) if cfg.n_probes else [],
                         heldout=heldout_batches(tok, cfg.eval_batch_size, cfg.heldout_sequences, cfg.heldout_seq_len),
                         templates=cfg.templates)
     if not probes.requests:
@@ -378,11 +426,21 @@ def prepare(cfg: JobConfig, timer: PhaseTimer):
     return hparams, model, tok, request_set, path, probes
 
 
+def _portable_source(cfg: JobConfig, source: str) -> str:
+    """The records' source for result files: a file path made portable, a hub spec or the embedded set's name."""
+    from .data import EMBEDDED_DATASET
+
+    if cfg.dataset == EMBEDDED_DATASET or source.startswith("hf:"):
+        return source
+    return portable_path(source)
+
+
 def _result_header(cfg: JobConfig, hparams, request_set, path) -> dict[str, Any]:
     return {
         "config": {"job": dataclasses.asdict(cfg), "hparams": hparams.to_dict(redact_secrets=True)},
         "environment": environment(),
-        "requests": {"dataset": cfg.dataset, "path": portable_path(path), "start": cfg.start, "count": cfg.count,
+        "requests": {"dataset": cfg.dataset, "path": _portable_source(cfg, request_set.source),
+                     "source": _portable_source(cfg, request_set.source), "start": cfg.start, "count": cfg.count,
                      "n_edits": len(request_set.requests), "n_skipped": request_set.n_skipped,
                      "skipped": dict(request_set.skipped)},
     }
@@ -397,27 +455,30 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
     from .evaluation import next_token_logprobs
     from .plots import plot_energy_spectra
 
+    from .state import edit_state
+
     timer = PhaseTimer()
+    out_dir = output_dir(cfg, "edit")
     hparams, model, tok, request_set, path, probes = prepare(cfg, timer)
-    out_dir = Path(cfg.output_dir or f"outputs/crispedit-{cfg.dataset}-{cfg.start}-{cfg.count}-"
-                                     f"{time.strftime('%Y%m%d-%H%M%S')}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     targets = edit_targets(model, hparams)
-    with timer.phase("curvature (cache or collect)"):
+    with usage_errors():
+        check_edit_inputs(model, probes.requests, hparams)
+    with timer.phase("curvature (cache or collect)"), unwritable_as_usage_error():
         curvature = capability_curvature(model, tok, hparams, progress=cfg.progress)
     factors = curvature.factors
-    base_fp = curvature.identity["model"]  # the unedited model's weights fingerprint, computed for the cache key
+    base_fp = edit_state(model).base_fingerprint  # theta_0's fingerprint, edit weights hashed completely
     with timer.phase("evaluate before: reference log-probs"):
         reference = next_token_logprobs(model, probes.heldout, show_progress=cfg.progress)
     before = measure(model, tok, probes, cfg, hparams, timer=timer, label="before")
     with timer.phase("edit"):
         report = apply_crispedit(model, tok, probes.requests, hparams, progress=cfg.progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = _save_model(cfg, model, tok, targets, base_fp, hparams, out_dir, timer)  # survives a later failure
     after = measure(model, tok, probes, cfg, hparams, reference=reference, before=before, timer=timer, label="after")
     with timer.phase("plot"):
         plot_energy_spectra(report.projectors, out_dir / "energy_spectrum.png",
                             title=f"{cfg.model}: K-FAC curvature energy per edited layer (gamma "
                                   f"{hparams.energy_threshold})")
-    saved = _save_model(cfg, model, tok, targets, base_fp, hparams, out_dir, timer)
     result = _result_header(cfg, hparams, request_set, path)
     result.update({
         "curvature": {k: v for k, v in factors.metadata.items() if k not in ("layers",)},
@@ -432,25 +493,33 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
     return result
 
 
-def run_eval_job(cfg: JobConfig, changed_tensors: str | None = None) -> dict[str, Any]:
+def run_eval_job(cfg: JobConfig, changed_tensors: str | None = None, force: bool = False) -> dict[str, Any]:
     """Evaluate an edited model against its base: ``cfg.model`` is the base; ``changed_tensors`` (a file written by
-    ``--save delta``) is applied onto a copy. Without it, ``cfg.model`` is compared with itself (a baseline run)."""
+    ``--save delta``) is applied onto a copy. Without it, ``cfg.model`` is compared with itself (a baseline run).
+
+    The file is read and checked before the model loads, and checked against the base model (weights fingerprint,
+    dtypes; ``force`` applies it anyway) before the base is evaluated.
+    """
     import copy
 
-    from .delta import apply_changed_tensors
+    from .delta import apply_changed_tensors, read_changed_tensors
     from .evaluation import next_token_logprobs
 
     timer = PhaseTimer()
+    out_dir = output_dir(cfg, "eval")
+    if changed_tensors:
+        with usage_errors():
+            read_changed_tensors(changed_tensors)
     hparams, model, tok, request_set, path, probes = prepare(cfg, timer)
-    out_dir = Path(cfg.output_dir or f"outputs/eval-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    edited = copy.deepcopy(model)
+    meta = {}
+    if changed_tensors:
+        with usage_errors():
+            meta = apply_changed_tensors(edited, changed_tensors, force=force)
     out_dir.mkdir(parents=True, exist_ok=True)
     with timer.phase("evaluate before: reference log-probs"):
         reference = next_token_logprobs(model, probes.heldout, show_progress=cfg.progress)
     before = measure(model, tok, probes, cfg, hparams, timer=timer, label="base")
-    edited = copy.deepcopy(model)
-    meta = {}
-    if changed_tensors:
-        meta = apply_changed_tensors(edited, changed_tensors)
     after = measure(edited, tok, probes, cfg, hparams, reference=reference, before=before, timer=timer,
                     label="edited")
     result = _result_header(cfg, hparams, request_set, path)

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .checks import remove_stale_temporaries
+
 logger = logging.getLogger(__name__)
 
 #: Names that select the embedded offline SmolLM2 (compared case-insensitively).
@@ -214,7 +216,8 @@ def ensure_converted(
     """Return ``folder`` holding a valid conversion of ``source``, converting (or rebuilding) it if needed.
 
     The conversion is written into a temporary sibling folder with a manifest and then renamed into place. An
-    existing but invalid folder is logged with a WARNING naming the problem and replaced.
+    existing but invalid folder is logged with a WARNING naming the problem and replaced. Temporary folders that
+    killed conversions left (not modified for 10 minutes) are removed first.
 
     Args:
         folder: Target folder of the converted model.
@@ -235,6 +238,8 @@ def ensure_converted(
             logger.info("No model cache at %s yet; building it.", folder)
 
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for pattern in (f".{folder.name}.tmp-*", f".{folder.name}.stale-*"):  # left by killed conversions
+        remove_stale_temporaries(folder.parent, pattern)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
@@ -277,6 +282,43 @@ def _finish_tokenizer(tokenizer: Any) -> Any:
         else:
             tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+#: A model folder needs one of these for its tokenizer (fast JSON, SentencePiece, or BPE/WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local folder rather than a hub id (``org/name``): it exists, starts with
+    ``.``, ``/`` or ``~``, ends with a separator, or has more than one path component separator."""
+    return (os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~", os.sep))
+            or name.endswith(("/", os.sep)) or name.replace(os.sep, "/").count("/") > 1)
+
+
+def check_model_folder(name_or_path: str | os.PathLike[str]) -> None:
+    """Fail early, naming the path, when a local model folder cannot be loaded: it does not exist, is a file, or
+    lacks ``config.json`` or every tokenizer file (:data:`TOKENIZER_FILES`). Hub ids pass unchecked.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a file instead of a folder, or a folder without config or tokenizer files.
+    """
+    name = str(name_or_path)
+    if not looks_like_path(name):
+        return
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model folder {name!r} does not exist; give a Hugging Face model folder, a hub id "
+                                f"(org/name) or {OFFLINE_MODEL_NAMES[0]!r}")
+    if not path.is_dir():
+        raise ValueError(f"--model {name!r} is a file; give a model folder (config.json, weights and tokenizer files "
+                         "as written by save_pretrained) or a hub id")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model folder {name!r} has no config.json; is it a Hugging Face model folder?")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"model folder {name!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                         "save the tokenizer into it with tokenizer.save_pretrained(folder)")
 
 
 def _load_hf(path_or_id: str | os.PathLike[str], dtype: torch.dtype, cache_dir: str | None) -> tuple[Any, Any]:
@@ -334,6 +376,7 @@ def load_model_and_tokenizer(
             ensure_converted(folder, source)
             model, tokenizer = _load_hf(folder, torch_dtype, None)
     else:
+        check_model_folder(name_or_path)
         model, tokenizer = _load_hf(name_or_path, torch_dtype, None if cache_dir is None else str(cache_dir))
 
     tokenizer = _finish_tokenizer(tokenizer)

@@ -24,6 +24,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .checks import NonFiniteError, check_finite_step  # noqa: F401 - NonFiniteError is what step() raises
+
 PROJECTION_MODES = ("gradient", "update", "both", "none")
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
@@ -46,8 +48,8 @@ class ProjectedAdam:
                  weight_decay: float = 0.0):
         if mode not in PROJECTION_MODES:
             raise ValueError(f"projection_mode must be one of {PROJECTION_MODES}, got {mode!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be > 0 and finite, got {lr!r}")
         self.params = list(params)
         self.projections = list(projections)
         if len(self.params) != len(self.projections):
@@ -69,7 +71,13 @@ class ProjectedAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One Adam step on every parameter that has a gradient."""
+        """One Adam step on every parameter that has a gradient.
+
+        Raises:
+            NonFiniteError: a gradient or a step holds NaN or inf. The parameter it concerns is left unchanged
+                (earlier parameters of the same step may have moved: callers restore the weights, as
+                :func:`crispedit_easyedit.editing.apply_crispedit` does).
+        """
         self.step_count += 1
         beta1, beta2 = self.betas
         bias1 = 1 - beta1 ** self.step_count
@@ -78,6 +86,7 @@ class ProjectedAdam:
             if p.grad is None:
                 continue
             grad = p.grad.to(torch.float32)
+            check_finite_step(grad, f"gradient of parameter {i} at step {self.step_count}")
             if self.mode in ("gradient", "both"):
                 grad = self._project(i, grad)
             self.exp_avg[i].mul_(beta1).add_(grad, alpha=1 - beta1)
@@ -89,6 +98,7 @@ class ProjectedAdam:
                 update = update + self.weight_decay * weights
             if self.mode in ("update", "both"):
                 update = self._project(i, update)
+            check_finite_step(update, f"update of parameter {i} at step {self.step_count}")
             weights.add_(update, alpha=-self.lr)
             if self.master[i] is not None:
                 p.data.copy_(weights.to(p.dtype))

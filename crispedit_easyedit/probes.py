@@ -25,8 +25,12 @@ Definitions:
   parentheses removed, with "the" where English uses it ("the United Kingdom", "the Solomon Islands"). The World,
   the European Union and the US Pacific Island Wildlife Refuges are skipped.
 * **Answers** are HTML-unescaped; names with accents also get their ASCII spelling ("Bogotá" and "Bogota").
-* **Selection** (``factbook_probes``): all probes in a fixed order (country code, then kind), then
-  ``random.Random(seed).sample(pool, n)``: the same ``n`` and ``seed`` always give the same probes.
+* **No leaks**: an answer that its question already contains (SQuAD-normalised, whole words) is dropped ("What is
+  the official language of Malaysia?" keeps "Bahasa Malaysia", not "Malaysia"); when that is the main answer the
+  probe is dropped ("What is the capital of Singapore?"), so repeating the question never scores.
+* **Selection** (``factbook_probes``): all probes in a fixed order (country code, then kind), less the probes of
+  ``exclude_countries`` (e.g. the countries an edit set changes), then ``random.Random(seed).sample(pool, n)``: the
+  same ``n``, ``seed`` and exclusions always give the same probes.
 * **Accuracy** (``probe_accuracy``): the greedy WILD answer (at most 40 new tokens, cut at ``"."``, newline or EOS;
   template ``"chat"`` by default) counts as correct when it *contains* an acceptable answer (SQuAD-normalised,
   whole words; see ``crispedit_easyedit.evaluation.contains``).
@@ -41,7 +45,7 @@ import logging
 import random
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -350,9 +354,39 @@ def _country_files() -> list[tuple[str, Any]]:
     return sorted(files, key=lambda cf: cf[0])
 
 
+@dataclass(frozen=True)
+class CountryFacts:
+    """The usable facts of one Factbook entry.
+
+    Attributes:
+        code: The Factbook country code (e.g. "fr").
+        name: The country's name as used in a question (e.g. "France", "the United Kingdom").
+        facts: ``{kind: acceptable answers}`` for every kind of ``PROBE_KINDS`` the entry has a usable field for,
+            with the answers that the kind's question already contains removed (see ``answer_leaks``).
+    """
+
+    code: str
+    name: str
+    facts: dict[str, tuple[str, ...]]
+
+
+def answer_leaks(question: str, answer: str) -> bool:
+    """Whether ``answer`` occurs in ``question`` (SQuAD-normalised, whole words), so that repeating the question
+    would be scored as knowing the answer ("What is the capital of Singapore?" -> "Singapore")."""
+    return contains(question, answer)
+
+
 @functools.lru_cache(maxsize=1)
-def _all_probes() -> tuple[Probe, ...]:
-    probes: list[Probe] = []
+def factbook_facts() -> tuple[CountryFacts, ...]:
+    """Every usable Factbook entry with its facts, sorted by country code (the data of the probes and of the
+    embedded edit set ``crispedit_easyedit.factbook_edits``).
+
+    Answers that the question of their kind contains are dropped (``answer_leaks``: for "What is the official
+    language of Malaysia?" "Bahasa Malaysia" stays, the bare "Malaysia" goes); when the main (first) answer itself
+    leaks ("What is the capital of Singapore?", "What is the currency of Sierra Leone?" -> leone), the kind is
+    dropped for that country, and an entry left without any kind is dropped.
+    """
+    countries: list[CountryFacts] = []
     for code, path in _country_files():
         if code in _SKIP_CODES:
             continue
@@ -368,19 +402,40 @@ def _all_probes() -> tuple[Probe, ...]:
                 ((data.get("Economy", {}).get("Exchange rates") or {}).get("Currency") or {}).get("text")),
             "continent": continent_answers((data.get("Geography", {}).get("Map references") or {}).get("text")),
         }
+        facts: dict[str, tuple[str, ...]] = {}
         for kind in PROBE_KINDS:
-            if fields[kind]:
-                probes.append(Probe(QUESTIONS[kind].format(country=name), fields[kind], kind, code))
-    return tuple(probes)
+            question = QUESTIONS[kind].format(country=name)
+            answers = tuple(a for a in fields[kind] if not answer_leaks(question, a))
+            if answers and answers[0] == fields[kind][0]:
+                facts[kind] = answers
+            elif fields[kind]:
+                logger.debug("%s: answers the question contains: %s", question,
+                             [a for a in fields[kind] if a not in answers])
+        if facts:
+            countries.append(CountryFacts(code, name, facts))
+    return tuple(countries)
 
 
-def factbook_probes(n: int | None = 240, seed: int = 0, kinds: Sequence[str] = PROBE_KINDS) -> list[Probe]:
+@functools.lru_cache(maxsize=1)
+def _all_probes() -> tuple[Probe, ...]:
+    return tuple(Probe(QUESTIONS[kind].format(country=c.name), list(answers), kind, c.code)
+                 for c in factbook_facts() for kind, answers in c.facts.items())
+
+
+def factbook_probes(
+    n: int | None = 240,
+    seed: int = 0,
+    kinds: Sequence[str] = PROBE_KINDS,
+    exclude_countries: Collection[str] = (),
+) -> list[Probe]:
     """A deterministic sample of factual probe questions from the CIA World Factbook.
 
     Args:
         n: How many probes; None for all of the chosen kinds (in the fixed pool order).
         seed: Seed of the sample (``random.Random(seed).sample``).
         kinds: Probe kinds to draw from (see ``PROBE_KINDS``).
+        exclude_countries: Country codes whose probes (of every kind) are left out of the pool before sampling,
+            e.g. the countries an edit set changes (``crispedit_easyedit.factbook_edits.edited_countries``).
 
     Returns:
         ``n`` probes (new ``Probe`` objects; changing them does not affect later calls).
@@ -391,10 +446,13 @@ def factbook_probes(n: int | None = 240, seed: int = 0, kinds: Sequence[str] = P
     bad = [k for k in kinds if k not in PROBE_KINDS]
     if bad or not kinds:
         raise ValueError(f"unknown probe kinds {bad or list(kinds)}; valid kinds: {', '.join(PROBE_KINDS)}")
-    pool = [p for p in _all_probes() if p.kind in kinds]
+    excluded = frozenset(exclude_countries)
+    pool = [p for p in _all_probes() if p.kind in kinds and p.country not in excluded]
     if n is not None:
         if not 0 < n <= len(pool):
-            raise ValueError(f"n must be between 1 and {len(pool)} (probes of kinds {list(kinds)}), got {n}")
+            without = f" without {len(excluded)} excluded countries" if excluded else ""
+            raise ValueError(f"n must be between 1 and {len(pool)} (probes of kinds {list(kinds)}{without}), "
+                             f"got {n}")
         pool = random.Random(seed).sample(pool, n)
     return [Probe(p.question, list(p.answers), p.kind, p.country) for p in pool]
 

@@ -30,26 +30,38 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import CurvatureError, check_spectrum
+
 logger = logging.getLogger(__name__)
 
 EIGH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def stable_eigh(matrix: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric eigendecomposition in ``dtype`` with negative eigenvalues clamped to zero.
+def stable_eigh(matrix: torch.Tensor, dtype: torch.dtype = torch.float32,
+                label: str = "matrix") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric eigendecomposition in ``dtype`` with negative eigenvalues clamped to zero, after checking that the
+    matrix is positive semi-definite within tolerance (:func:`crispedit_easyedit.checks.check_spectrum`: each
+    eigenvalue >= -1e-3 * trace and the clamped mass <= 1e-2 * trace).
 
     Args:
         matrix: (n, n) symmetric positive semi-definite matrix (any float dtype).
         dtype: float32 or float64; the computation dtype whatever the input dtype.
+        label: what the matrix is, for the error message (e.g. "K-FAC factor A of model.layers.1...").
 
     Returns:
         eigenvalues (n,) in ascending order, clamped to >= 0, and eigenvectors (n, n) as columns.
+
+    Raises:
+        CurvatureError: the matrix is not finite or not positive semi-definite within tolerance.
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"eigendecomposition dtype must be torch.float32 or torch.float64, got {dtype}")
     sym = matrix.to(dtype)
+    if not bool(torch.isfinite(sym).all()):
+        raise CurvatureError(f"{label} has non-finite entries (NaN or inf); it cannot be eigendecomposed")
     sym = 0.5 * (sym + sym.T)
     eigenvalues, eigenvectors = torch.linalg.eigh(sym)
+    check_spectrum(eigenvalues, float(sym.diagonal().sum()), label)
     return eigenvalues.clamp_min(0.0), eigenvectors
 
 
@@ -197,19 +209,23 @@ class Eigenbasis:
 
     @classmethod
     def from_factors(cls, A: torch.Tensor, S: torch.Tensor | None, dtype: torch.dtype = torch.float32,
-                     out_features: int | None = None) -> "Eigenbasis":
+                     out_features: int | None = None, layer: str = "a layer") -> "Eigenbasis":
         """Eigendecompose A and S (two :func:`stable_eigh` calls; one when S is None).
 
         Args:
             A: (d_in, d_in); S: (d_out, d_out) or None (then ``out_features`` gives d_out).
             dtype: float32 or float64 for the eigendecomposition and the stored bases.
+            layer: the parameter path, named by a CurvatureError.
+
+        Raises:
+            CurvatureError: a factor is not finite or not positive semi-definite within tolerance.
         """
-        eig_in, basis_in = stable_eigh(A, dtype)
+        eig_in, basis_in = stable_eigh(A, dtype, label=f"K-FAC factor A of {layer}")
         if S is None:
             if out_features is None:
                 raise ValueError("out_features is required when S is None (identity output factor)")
             return cls(eig_in, basis_in, None, None, int(out_features))
-        eig_out, basis_out = stable_eigh(S, dtype)
+        eig_out, basis_out = stable_eigh(S, dtype, label=f"K-FAC factor S of {layer}")
         return cls(eig_in, basis_in, eig_out, basis_out, int(S.shape[0]))
 
     def to(self, device: torch.device | str) -> "Eigenbasis":

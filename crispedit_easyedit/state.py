@@ -34,6 +34,7 @@ text) so a sequence resumes in a new process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -47,9 +48,11 @@ import torch
 from torch import nn
 
 from . import __version__
+from .checks import CurvatureError, cache_lock, ensure_writable_dir
 from .curvature import (
-    FACTOR_DTYPES, CacheCorruptError, CacheMismatchError, FactorSet, KFACFactors, cache_path_for, collect_kfac_factors,
-    curvature_identity, identity_key, model_fingerprint, read_safetensors, tokenizer_fingerprint, write_safetensors,
+    FACTOR_DTYPES, CacheCorruptError, CacheMismatchError, FactorSet, KFACFactors, cache_path_for, check_factors,
+    check_positions, collect_kfac_factors, curvature_identity, distributed_world, identity_key, is_main_process,
+    model_fingerprint, read_safetensors, shard_batches, tokenizer_fingerprint, write_safetensors,
 )
 from .projector import Eigenbasis
 
@@ -73,7 +76,7 @@ class CapabilityCurvature:
 
     Attributes:
         identity: everything that determines the factors (the cache key is its hash; no machine path in it).
-        factors: the FactorSet (on the model's device).
+        factors: the FactorSet (each layer on its edit weight's device).
         eigenbases: {parameter path: Eigenbasis} (on each edit weight's device, in ``mom2_dtype``).
         source: where the factors came from in *this* call: "collected", "disk cache" or "in process".
         eigen_source: likewise for the eigenbases: "computed", "disk cache" or "in process".
@@ -115,10 +118,10 @@ def _collect_capability(model, tok, hparams, targets, progress: bool) -> FactorS
     size = hparams.curvature_batch_size
     batches = [{key: value[i : i + size] for key, value in packed.items()}
                for i in range(0, packed["input_ids"].shape[0], size)]
-    return collect_kfac_factors(
-        model, [t.name for t in targets], batches, fisher_type=hparams.fisher_type, mc_samples=hparams.mc_samples,
-        dtype=FACTOR_DTYPES[hparams.mom2_dtype], seed=hparams.seed, exclude_first_tokens=hparams.exclude_first_tokens,
-        progress=progress)
+    return collect_kfac_factors(  # under torch.distributed each rank collects its shard; the sums are all-reduced
+        model, [t.name for t in targets], shard_batches(batches), fisher_type=hparams.fisher_type,
+        mc_samples=hparams.mc_samples, dtype=FACTOR_DTYPES[hparams.mom2_dtype], seed=hparams.seed,
+        exclude_first_tokens=hparams.exclude_first_tokens, progress=progress)
 
 
 def eigen_cache_path(cache_dir: str | os.PathLike, identity: Mapping[str, Any], dtype: str) -> Path:
@@ -155,12 +158,19 @@ def load_eigenbases(path: str | os.PathLike, expected: Mapping[str, Any],
                                    int(meta["layers"][name]))
         except KeyError as exc:
             raise CacheCorruptError(f"eigenbasis cache {path} lacks {exc.args[0]!r}") from exc
+        for part in ("eig_in", "basis_in", "eig_out", "basis_out"):
+            value = getattr(out[name], part)
+            if value is not None and not (bool(torch.isfinite(value).all()) and
+                                          (not part.startswith("eig") or bool((value >= 0).all()))):
+                raise CurvatureError(f"eigenbasis cache {path}: {part} of {name} is not finite"
+                                     + (" and non-negative" if part.startswith("eig") else "")
+                                     + "; delete the file to recompute it")
     return out
 
 
 def _eigenbases_for(factors: FactorSet, targets, dtype: torch.dtype) -> dict[str, Eigenbasis]:
     return {t.name: Eigenbasis.from_factors(factors[t.name].A.to(t.param.device), factors[t.name].S.to(t.param.device),
-                                            dtype) for t in targets}
+                                            dtype, layer=t.name) for t in targets}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,24 +275,36 @@ class EditState:
             found = self.curvatures[key]
             return CapabilityCurvature(found.identity, found.factors, found.eigenbases, "in process", "in process",
                                        found.on_disk)
-        device = next(model.parameters()).device
         path = cache_path_for(hparams.cache_dir, identity) if hparams.cache_dir else None
-        if path is not None and path.exists():
-            logger.info("loading capability curvature from %s", path)
-            factors, source = FactorSet.load(path, expected=identity, device=device), "disk cache"
-        else:
-            if current_fp["weights_sha256"] != model_fp["weights_sha256"]:
-                raise ValueError(
-                    "the capability curvature for these settings is neither in this process nor in the disk cache, "
-                    "and the edit weights no longer hold the base weights it must be collected at (curvature_at: "
-                    "base). Use the curvature settings of the earlier calls, restore the base weights, set "
-                    "curvature_at: current, or call reset_edit_state(model) to make the current weights the base.")
-            factors, source = _collect_capability(model, tok, hparams, targets, progress), "collected"
-            factors.metadata.update(identity)
-            if path is not None:
+        lock = contextlib.nullcontext()
+        if path is not None and not path.exists() and distributed_world()[1] == 1:
+            # another process making the same cache: wait for it and read its file instead of collecting again (not
+            # under torch.distributed, where every rank must join the collection)
+            ensure_writable_dir(path.parent, "cache_dir")
+            lock = cache_lock(path, what=f"the capability curvature cache {path.name}")
+        with lock:
+            if path is not None and path.exists():
+                logger.info("loading capability curvature from %s", path)
+                factors, source = FactorSet.load(path, expected=identity,  # each layer on its device
+                                                 devices={t.name: t.param.device for t in targets}), "disk cache"
+            else:
+                if current_fp["weights_sha256"] != model_fp["weights_sha256"]:
+                    raise ValueError(
+                        "the capability curvature for these settings is neither in this process nor in the disk "
+                        "cache, and the edit weights no longer hold the base weights it must be collected at "
+                        "(curvature_at: base). Use the curvature settings of the earlier calls, restore the base "
+                        "weights, set curvature_at: current, or call reset_edit_state(model) to make the current "
+                        "weights the base.")
+                check_positions(model, hparams.curvature_seq_len, "curvature_seq_len")
+                if path is not None and is_main_process():  # fail before the collection, not after it
+                    ensure_writable_dir(path.parent, "cache_dir")
+                factors, source = _collect_capability(model, tok, hparams, targets, progress), "collected"
+                factors.metadata.update(identity)
+            # the eigendecomposition checks the factors are PSD: only factors that pass are cached
+            eigenbases, eigen_source = self._capability_eigenbases(factors, identity, hparams, targets)
+            if source == "collected" and path is not None and is_main_process():
                 factors.save(path)
                 logger.info("cached capability curvature at %s", path)
-        eigenbases, eigen_source = self._capability_eigenbases(factors, identity, hparams, targets)
         curvature = CapabilityCurvature(identity, factors, eigenbases, source, eigen_source, path is not None)
         if not at_base:  # keep one curvature of edited weights, not one per call (memory stays bounded)
             self.curvatures = {k: c for k, c in self.curvatures.items()
@@ -298,8 +320,10 @@ class EditState:
         if path is not None and path.exists():
             logger.info("loading capability eigenbases from %s", path)
             return load_eigenbases(path, expected, {t.name: t.param.device for t in targets}), "disk cache"
+        if path is not None and is_main_process():  # fail before the eigendecomposition, not after it
+            ensure_writable_dir(path.parent, "cache_dir")
         eigenbases = _eigenbases_for(factors, targets, dtype)
-        if path is not None:
+        if path is not None and is_main_process():
             save_eigenbases(path, eigenbases, expected)
             logger.info("cached capability eigenbases at %s", path)
         return eigenbases, "computed"
@@ -483,16 +507,19 @@ def load_edit_state(model: nn.Module, path: str | os.PathLike) -> EditState:
                          f"({meta['last_digest'][:12]}...) nor its base weights "
                          f"({meta['base_fingerprint']['weights_sha256'][:12]}...), but {digest[:12]}...: apply the "
                          "saved edits first (or load the state into the model it was saved from)")
-    device = params[names[0]].device
 
     def get(prefix: str, tokens: Mapping[str, int] | None) -> FactorSet | None:
         if tokens is None:
             return None
         try:
-            return FactorSet({n: KFACFactors(tensors[f"{prefix}::{n}::A"].to(device), tensors[f"{prefix}::{n}::S"]
-                                             .to(device), int(tokens[n])) for n in names}, {})
+            factors = FactorSet({n: KFACFactors(tensors[f"{prefix}::{n}::A"].to(params[n].device),  # layer's device
+                                                tensors[f"{prefix}::{n}::S"].to(params[n].device), int(tokens[n]))
+                                 for n in names}, {})
         except KeyError as exc:
             raise CacheCorruptError(f"edit state {path} lacks {exc.args[0]!r}") from exc
+        for n, f in factors.factors.items():
+            check_factors(n, f.A, f.S, source=f"edit state {path}, {prefix}")
+        return factors
 
     state = EditState(names, meta["base_fingerprint"])
     state.last_digest = meta["last_digest"]
@@ -516,6 +543,6 @@ def _loaded_curvature(meta: Mapping[str, Any], factors: FactorSet, model: nn.Mod
     identity = copy.deepcopy(dict(meta["capability_identity"]))
     params = dict(model.named_parameters())
     dtype = FACTOR_DTYPES[identity["dtype"]]
-    eigenbases = {name: Eigenbasis.from_factors(f.A.to(params[name].device), f.S.to(params[name].device), dtype)
-                  for name, f in factors.factors.items()}
+    eigenbases = {name: Eigenbasis.from_factors(f.A.to(params[name].device), f.S.to(params[name].device), dtype,
+                                                layer=name) for name, f in factors.factors.items()}
     return CapabilityCurvature(identity, factors, eigenbases, "edit state file", "computed")

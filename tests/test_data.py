@@ -315,3 +315,78 @@ def test_easyedit_wikibigedit_release_form_agrees(tmp_path, monkeypatch):
     # Without the class (PyPI EasyEdit) the core reader is used.
     monkeypatch.setattr(datasets, "import_easyeditor", lambda: types.SimpleNamespace())
     assert datasets.load_requests_with_easyedit("wikibigedit", path, 1, 4).source == str(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CounterFact in ROME's release form, and files of hub dataset repositories
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _rome(**overrides):
+    """A record shaped like ROME/MEMIT's counterfact.json (its fields; the texts are the test's own)."""
+    record = {"case_id": 3, "pararel_idx": 11,
+              "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                                    "target_new": {"str": "English", "id": "Q1860"},
+                                    "target_true": {"str": "French", "id": "Q150"}, "subject": "Danielle Darrieux"},
+              "paraphrase_prompts": ["Some context. Danielle Darrieux spoke the language", "Danielle Darrieux is a"],
+              "neighborhood_prompts": ["The mother tongue of Michel Rocard is", "Léon Blum spoke"],
+              "attribute_prompts": ["J. R. R. Tolkien is a native speaker of"],
+              "generation_prompts": ["Danielle Darrieux's mother tongue is"]}
+    record.update(overrides)
+    return record
+
+
+def test_counterfact_rome_release_form_maps_like_the_easyedit_form(tmp_path):
+    no_paraphrase = _rome(case_id=4, paraphrase_prompts=[])
+    no_truth = _rome(case_id=5, requested_rewrite={**_rome()["requested_rewrite"], "target_true": {}})
+    rs = load_requests("counterfact", _write(tmp_path, [_rome(), no_paraphrase, no_truth]))
+    assert rs.skipped == {"missing_ground_truth": 1} and rs.missing == {"rephrase_prompt": 1}
+    assert rs[0] == {
+        "case_id": 3,
+        "prompt": "The mother tongue of Danielle Darrieux is",
+        "target_new": "English",
+        "ground_truth": "French",
+        "rephrase_prompt": "Some context. Danielle Darrieux spoke the language",
+        "subject": "Danielle Darrieux",
+        "locality": {"neighborhood": {"prompt": "The mother tongue of Michel Rocard is", "ground_truth": "French"}},
+        "loc_prompt": "The mother tongue of Michel Rocard is French",
+        "portability": {},
+    }
+    assert "rephrase_prompt" not in rs[1] and rs[1]["case_id"] == 4
+
+
+def _hub_cache(root, repo, files):
+    """Lay out ``files`` ({path in repo: records}) as huggingface_hub's cache holds a downloaded dataset repo."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = root / f"datasets--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    for name, records in files.items():
+        path = folder / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records) if name.endswith(".json") else
+                        "\n".join(json.dumps(r) for r in records), encoding="utf-8")
+
+
+def test_hub_dataset_files_by_name_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    records = [_zsre(alt=f"Country {i}") for i in range(3)]
+    _hub_cache(tmp_path / "hub", "someone/zsre-mend", {"data/zsre_mend_eval.json": records,
+                                                       "data/zsre_mend_eval.jsonl": records})
+    local = load_requests("zsre", _write(tmp_path, records), start=1)
+    for name in ("data/zsre_mend_eval.json", "data/zsre_mend_eval.jsonl"):
+        spec = f"hf:someone/zsre-mend:{name}"
+        rs = load_requests("zsre", spec, start=1)
+        assert rs.requests == local.requests and rs.source == spec  # same mapping; the spec, not a cache path
+    # offline and not cached, or no file named: the error says how to go on without internet
+    with pytest.raises(FileNotFoundError, match=r"'data/other\.json' of hub dataset 'someone/zsre-mend'.*--data-path"):
+        load_requests("zsre", "hf:someone/zsre-mend:data/other.json")
+    with pytest.raises(FileNotFoundError, match=r"hub dataset 'someone/zsre-mend'.*--data-path"):
+        load_requests("zsre", "hf:someone/zsre-mend")
+    with pytest.raises(ValueError, match=r"names no hub dataset; valid form: 'hf:<owner>/<name>"):
+        load_requests("zsre", "hf:zsre-mend")
+    with pytest.raises(ValueError, match=r"must end in \.json or \.jsonl, got 'data/train\.parquet'"):
+        load_requests("zsre", "hf:someone/zsre-mend:data/train.parquet")

@@ -142,3 +142,33 @@ def test_real_smollm2_knows_paris_and_scores_probes() -> None:
     acc, answers = pr.probe_accuracy(model, tok, probes, template="chat", batch_size=16, show_progress=False)
     assert "Paris" in answers[0] and pr.score_probes(probes, answers)["correct"][0]
     assert 0.15 <= acc <= 1.0  # base model: about half of the Factbook probes (0.51 on the default 240)
+
+
+def test_no_probe_leaks_its_answer() -> None:
+    """Issue 8: a question that contains its answer is scored correct for a model that repeats the question."""
+    pool = pr.factbook_probes(n=None)
+    questions = {p.question: p for p in pool}
+    for p in pool:
+        assert not any(pr.answer_leaks(p.question, a) for a in p.answers), (p.question, p.answers)
+    for leaky in ("What is the capital of Singapore?", "What is the capital of San Marino?",
+                  "What is the capital of the Holy See (Vatican City)?", "What is the capital of Sao Tome and Principe?",
+                  "What is the capital of Djibouti?", "What is the currency of Sierra Leone?",
+                  "On which continent is South Africa located?"):
+        assert leaky not in questions
+    # only the leaking alternative goes when the main answer does not leak
+    assert questions["What is the official language of Malaysia?"].answers == ["Bahasa Malaysia"]
+    assert questions["On which continent is Australia located?"].answers == ["Oceania"]
+    assert pr.answer_leaks("What is the capital of Singapore?", "singapore")
+    assert not pr.answer_leaks("What is the capital of Singapore?", "Singa")  # whole words only
+
+
+def test_exclude_countries() -> None:
+    pool = pr.factbook_probes(n=None)
+    kept = pr.factbook_probes(n=None, exclude_countries={"fr", "gm"})
+    assert len(kept) == len(pool) - sum(p.country in ("fr", "gm") for p in pool) == len(pool) - 8
+    assert not {p.country for p in kept} & {"fr", "gm"}
+    sample = pr.factbook_probes(n=100, seed=2, exclude_countries=["fr"])
+    assert len(sample) == 100 and all(p.country != "fr" for p in sample)
+    everyone = {p.country for p in pool}
+    with pytest.raises(ValueError, match=r"between 1 and 4 .* without 244 excluded countries"):
+        pr.factbook_probes(n=5, exclude_countries=everyone - {"fr"})

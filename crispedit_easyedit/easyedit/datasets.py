@@ -9,6 +9,9 @@ Differences of EasyEdit's readers that this module compensates for:
 - ``ZsreDataset`` drops the ``subject`` field and silently skips records whose ``alt`` is empty; the subject is
   read back from the raw record (by ``case_id``) and the dropped records are counted as ``missing_target_new``.
   It also asserts that every ``loc`` contains ``"nq question: "``.
+- ``CounterFactDataset`` reads only the counterfact-edit form; files in ROME's release form (``requested_rewrite``)
+  are read with :func:`crispedit_easyedit.data.load_requests` instead (logged at INFO).
+- The embedded ``"factbook"`` set has no file: it always comes from :func:`crispedit_easyedit.data.load_requests`.
 - ``WikiBigEditDataset`` (GitHub main only) reads only the original release form (``update``, ``ans``, ...). For
   files in CrispEdit's 6-field form, or on the PyPI EasyEdit that has no such class, the records are read with
   :func:`crispedit_easyedit.data.load_requests` instead (logged at INFO).
@@ -26,14 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from crispedit_easyedit.data import (
+    EMBEDDED_DATASET,
     RequestSet,
     _check_dataset,
     build_request_set,
     check_range,
     default_data_path,
+    is_rome_counterfact_form,
     is_wikibigedit_release_form,
     load_requests,
     read_records,
+    resolve_records_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -150,7 +156,10 @@ def load_requests_with_easyedit(
         ImportError: if EasyEdit cannot be imported.
     """
     _check_dataset(dataset)
-    file = Path(path) if path is not None else default_data_path(dataset)
+    if dataset == EMBEDDED_DATASET:
+        logger.info("The embedded %r set is generated, not parsed: crispedit_easyedit.data.load_requests.", dataset)
+        return load_requests(dataset, path, start, count)
+    file = resolve_records_path(path) if path is not None else default_data_path(dataset)
     raw = read_records(file)
     stop = check_range(len(raw), start, count, source=str(file))
     module = import_easyeditor()
@@ -158,6 +167,10 @@ def load_requests_with_easyedit(
     if dataset == "zsre":
         items, extra = _zsre_records(module, file, raw, start, stop)
     elif dataset == "counterfact":
+        if any(isinstance(r, Mapping) and is_rome_counterfact_form(r) for r in raw[start:stop]):
+            logger.info("Reading %s with crispedit_easyedit.data.load_requests: CounterFactDataset reads only the "
+                        "counterfact-edit form, not ROME's release form.", file)
+            return load_requests(dataset, file, start, count)
         items, extra = _counterfact_records(module, file, start, stop)
     else:
         release_form = all(isinstance(r, Mapping) and is_wikibigedit_release_form(r) for r in raw[start:stop])
