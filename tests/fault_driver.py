@@ -126,6 +126,10 @@ def run_phase(phase: str, fault: str, workdir: Path) -> dict:
 def main(fault: str, workdir: Path) -> int:
     if fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
+    # A process started in the background by a non-interactive shell (as CI may start the tests) inherits SIGINT as
+    # ignored, and Python then keeps it ignored; restore the interactive behaviour (Ctrl-C raises KeyboardInterrupt),
+    # which is what this driver injects.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for phase in PHASES:
         print("FAULT-RESULT " + json.dumps(run_phase(phase, fault, workdir)), flush=True)
     return 0
