@@ -34,7 +34,13 @@ def _returns_originals(return_orig_weights: bool, keep_original_weight: bool) ->
 def apply_crispedit_to_model(model: Any, tok: Any, requests: Sequence[dict], hparams: Any, copy: bool = False,
                              return_orig_weights: bool = False, keep_original_weight: bool = False,
                              **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Edit ``model`` with CrispEdit (Algorithm 1, or Algorithm 2 when ``hparams.chunk_size`` is set).
+    """Edit ``model`` with CrispEdit: one Algorithm 1 over ``requests`` (in chunks of ``hparams.chunk_size`` for
+    CrispEdit-Seq), continuing the sequence of earlier calls when EasyEdit kept their weights.
+
+    EasyEdit calls this once per chunk of ``hparams.batch_size`` requests. The model's edit state
+    (:mod:`crispedit_easyedit.state`) reuses the capability curvature and eigenbases computed at the base weights,
+    and tells a call whose weights EasyEdit restored (a fresh Algorithm 1) from one whose weights it kept
+    (``sequential_edit=True`` on GitHub main, the default on PyPI: the earlier edits are protected too).
 
     Args:
         model: the causal LM (edited in place unless ``copy``).
