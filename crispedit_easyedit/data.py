@@ -204,18 +204,18 @@ def make_request(
     return request, None, missing
 
 
+def _first(value: Any) -> Any:
+    """The first element of a non-empty list (None for an empty or missing one); other values unchanged."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return value[0] if value else None
+    return value
+
+
 def _zsre_fields(record: Mapping[str, Any]) -> dict[str, Any]:
-    answers = record.get("answers")
-    if isinstance(answers, str):
-        truth: Any = answers
-    elif isinstance(answers, Sequence) and answers:
-        truth = answers[0]
-    else:
-        truth = None
     return {
         "prompt": record.get("src"),
         "target_new": record.get("alt"),
-        "ground_truth": truth,
+        "ground_truth": _first(record.get("answers")),
         "ground_truth_required": True,
         "rephrase_prompt": record.get("rephrase"),
         "subject": record.get("subject"),
@@ -227,13 +227,6 @@ def _zsre_fields(record: Mapping[str, Any]) -> dict[str, Any]:
 def is_rome_counterfact_form(record: Mapping[str, Any]) -> bool:
     """Whether a CounterFact record uses the ROME/MEMIT release fields (``requested_rewrite``, ...)."""
     return isinstance(record.get("requested_rewrite"), Mapping)
-
-
-def _first(value: Any) -> Any:
-    """The first element of a non-empty list (None for an empty or missing one); other values unchanged."""
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return value[0] if value else None
-    return value
 
 
 def _rome_counterfact_fields(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -94,6 +94,14 @@ def apply_changed_tensors(model: nn.Module, path: str | os.PathLike,
     """
     path = Path(path).expanduser()
     tensors, metadata = read_changed_tensors(path)
+    return apply_read_tensors(model, tensors, metadata, path, expected_base=expected_base, force=force)
+
+
+def apply_read_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
+                       path: str | os.PathLike, expected_base: Mapping[str, Any] | None = None,
+                       force: bool = False) -> dict[str, Any]:
+    """:func:`apply_changed_tensors` on the output of :func:`read_changed_tensors` (``path`` only names the file in
+    messages), so a caller that read the file early to check it does not read it again."""
     params = dict(model.named_parameters())
     problems = []
     for name, tensor in tensors.items():

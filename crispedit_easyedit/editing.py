@@ -347,10 +347,9 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
         NonFiniteError: the edit diverged (non-finite loss or step); the weights and state are restored.
         CurvatureError: the capability factors are not finite, symmetric and positive semi-definite.
     """
-    from .state import CapabilityCurvature, EditState, UnrecordedChunk, _eigenbases_for, attach_state
+    from .state import CapabilityCurvature, EditState, UnrecordedChunk, _eigenbases_for, attach_state, layer_devices
 
-    check_edit_inputs(model, requests, hparams, factors)
-    targets = edit_targets(model, hparams)
+    targets = check_edit_inputs(model, requests, hparams, factors)
     names = [t.name for t in targets]
     originals = {t.name: t.param.detach().clone() for t in targets}
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -374,7 +373,7 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
             curvature = state.capability(model, tok, hparams, targets, fingerprint, progress=progress)
         else:
             curvature = CapabilityCurvature(dict(factors.metadata), factors, _eigenbases_for(
-                factors, targets, FACTOR_DTYPES[hparams.mom2_dtype]), "given", "computed")
+                factors, layer_devices(targets), FACTOR_DTYPES[hparams.mom2_dtype]), "given", "computed")
         report.weights_status, report.past_edits_protected = status, state.num_edits
         report.curvature_source = curvature.source
         report.eigendecompositions = int(curvature.eigen_source == "computed")
@@ -439,10 +438,13 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
 
 
 def check_edit_inputs(model: nn.Module, requests: Sequence[Mapping[str, Any]], hparams,
-                      factors: FactorSet | None = None) -> None:
+                      factors: FactorSet | None = None) -> list[EditTarget]:
     """Everything :func:`apply_crispedit` can check before it starts: the requests, the hparams (validated again,
     so a field changed after construction is caught), the edit weights, ``max_length`` against the model's
     positions, and that given ``factors`` cover every edited layer with its shape.
+
+    Returns:
+        The edit targets (:func:`edit_targets`).
 
     Raises:
         ValueError or KeyError: naming the bad value and what is allowed.
@@ -452,9 +454,7 @@ def check_edit_inputs(model: nn.Module, requests: Sequence[Mapping[str, Any]], h
         hparams.validate()
     targets = edit_targets(model, hparams)
     check_positions(model, hparams.max_length, "max_length")
-    if factors is None:
-        return
-    for t in targets:
+    for t in targets if factors is not None else ():
         if t.name not in factors.factors:
             raise ValueError(f"the given factors have no layer {t.name!r} (an edited layer); they hold "
                              f"{sorted(factors.factors)}: collect them for hparams.layers {list(hparams.layers)}")
@@ -462,6 +462,7 @@ def check_edit_inputs(model: nn.Module, requests: Sequence[Mapping[str, Any]], h
         if found != t.shape:
             raise ValueError(f"the given factors of {t.name} are for (d_out, d_in) = {found}, the weight is {t.shape}")
         check_factors(t.name, factors[t.name].A, factors[t.name].S, source="given")
+    return targets
 
 
 def _layer_diagnostics(report: EditReport, targets: Sequence[EditTarget], originals: Mapping[str, torch.Tensor],

@@ -460,9 +460,8 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
     timer = PhaseTimer()
     out_dir = output_dir(cfg, "edit")
     hparams, model, tok, request_set, path, probes = prepare(cfg, timer)
-    targets = edit_targets(model, hparams)
     with usage_errors():
-        check_edit_inputs(model, probes.requests, hparams)
+        targets = check_edit_inputs(model, probes.requests, hparams)
     with timer.phase("curvature (cache or collect)"), unwritable_as_usage_error():
         curvature = capability_curvature(model, tok, hparams, progress=cfg.progress)
     factors = curvature.factors
@@ -502,20 +501,20 @@ def run_eval_job(cfg: JobConfig, changed_tensors: str | None = None, force: bool
     """
     import copy
 
-    from .delta import apply_changed_tensors, read_changed_tensors
+    from .delta import apply_read_tensors, read_changed_tensors
     from .evaluation import next_token_logprobs
 
     timer = PhaseTimer()
     out_dir = output_dir(cfg, "eval")
     if changed_tensors:
         with usage_errors():
-            read_changed_tensors(changed_tensors)
+            content = read_changed_tensors(changed_tensors)  # read once, before the model loads
     hparams, model, tok, request_set, path, probes = prepare(cfg, timer)
     edited = copy.deepcopy(model)
     meta = {}
     if changed_tensors:
         with usage_errors():
-            meta = apply_changed_tensors(edited, changed_tensors, force=force)
+            meta = apply_read_tensors(edited, *content, changed_tensors, force=force)
     out_dir.mkdir(parents=True, exist_ok=True)
     with timer.phase("evaluate before: reference log-probs"):
         reference = next_token_logprobs(model, probes.heldout, show_progress=cfg.progress)

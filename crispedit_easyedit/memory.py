@@ -30,7 +30,7 @@ def layer_memory(d_out: int, d_in: int, param_dtype: torch.dtype = torch.bfloat1
     projector = projector_memory_bytes(d_out, d_in, factor_dtype)
     plan = {
         "factors": f * (d_in * d_in + d_out * d_out),
-        "eigenbases": f * (d_in * d_in + d_out * d_out + d_in + d_out),
+        "eigenbases": projector["resident"] - d_out * d_in,  # the projector's resident bytes less its mask
         "mask": d_out * d_in,
         "optimizer": 4 * d_out * d_in * (2 + (param_dtype != torch.float32)),
         "gradient": _item(param_dtype) * d_out * d_in,

@@ -168,9 +168,16 @@ def load_eigenbases(path: str | os.PathLike, expected: Mapping[str, Any],
     return out
 
 
-def _eigenbases_for(factors: FactorSet, targets, dtype: torch.dtype) -> dict[str, Eigenbasis]:
-    return {t.name: Eigenbasis.from_factors(factors[t.name].A.to(t.param.device), factors[t.name].S.to(t.param.device),
-                                            dtype, layer=t.name) for t in targets}
+def layer_devices(targets) -> dict[str, torch.device]:
+    """{parameter path: device} of the edit weights (every per-layer tensor lives on its weight's device)."""
+    return {t.name: t.param.device for t in targets}
+
+
+def _eigenbases_for(factors: FactorSet, devices: Mapping[str, torch.device],
+                    dtype: torch.dtype) -> dict[str, Eigenbasis]:
+    """Eigendecompose every layer's factors on that layer's device (``devices``: {parameter path: device})."""
+    return {name: Eigenbasis.from_factors(factors[name].A.to(device), factors[name].S.to(device), dtype, layer=name)
+            for name, device in devices.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,16 +284,18 @@ class EditState:
                                        found.on_disk)
         path = cache_path_for(hparams.cache_dir, identity) if hparams.cache_dir else None
         lock = contextlib.nullcontext()
-        if path is not None and not path.exists() and distributed_world()[1] == 1:
-            # another process making the same cache: wait for it and read its file instead of collecting again (not
-            # under torch.distributed, where every rank must join the collection)
-            ensure_writable_dir(path.parent, "cache_dir")
-            lock = cache_lock(path, what=f"the capability curvature cache {path.name}")
+        if path is not None and not path.exists():
+            if is_main_process():  # fail before the collection, not after it
+                ensure_writable_dir(path.parent, "cache_dir")
+            if distributed_world()[1] == 1:
+                # another process making the same cache: wait for it and read its file instead of collecting again
+                # (not under torch.distributed, where every rank must join the collection)
+                lock = cache_lock(path, what=f"the capability curvature cache {path.name}")
         with lock:
             if path is not None and path.exists():
                 logger.info("loading capability curvature from %s", path)
                 factors, source = FactorSet.load(path, expected=identity,  # each layer on its device
-                                                 devices={t.name: t.param.device for t in targets}), "disk cache"
+                                                 devices=layer_devices(targets)), "disk cache"
             else:
                 if current_fp["weights_sha256"] != model_fp["weights_sha256"]:
                     raise ValueError(
@@ -296,8 +305,6 @@ class EditState:
                         "weights, set curvature_at: current, or call reset_edit_state(model) to make the current "
                         "weights the base.")
                 check_positions(model, hparams.curvature_seq_len, "curvature_seq_len")
-                if path is not None and is_main_process():  # fail before the collection, not after it
-                    ensure_writable_dir(path.parent, "cache_dir")
                 factors, source = _collect_capability(model, tok, hparams, targets, progress), "collected"
                 factors.metadata.update(identity)
             # the eigendecomposition checks the factors are PSD: only factors that pass are cached
@@ -319,10 +326,10 @@ class EditState:
         expected = {"factors_key": identity_key(identity), "dtype": hparams.mom2_dtype}
         if path is not None and path.exists():
             logger.info("loading capability eigenbases from %s", path)
-            return load_eigenbases(path, expected, {t.name: t.param.device for t in targets}), "disk cache"
+            return load_eigenbases(path, expected, layer_devices(targets)), "disk cache"
         if path is not None and is_main_process():  # fail before the eigendecomposition, not after it
             ensure_writable_dir(path.parent, "cache_dir")
-        eigenbases = _eigenbases_for(factors, targets, dtype)
+        eigenbases = _eigenbases_for(factors, layer_devices(targets), dtype)
         if path is not None and is_main_process():
             save_eigenbases(path, eigenbases, expected)
             logger.info("cached capability eigenbases at %s", path)
@@ -377,7 +384,7 @@ class EditState:
         fresh = protected.eigenbases is None
         if fresh:
             merged = curvature.factors.merge(protected.edits, weight=weight)
-            protected.eigenbases = _eigenbases_for(merged, targets, FACTOR_DTYPES[hparams.mom2_dtype])
+            protected.eigenbases = _eigenbases_for(merged, layer_devices(targets), FACTOR_DTYPES[hparams.mom2_dtype])
         self.protected = protected
         return protected.eigenbases, fresh
 
@@ -542,7 +549,6 @@ def load_edit_state(model: nn.Module, path: str | os.PathLike) -> EditState:
 def _loaded_curvature(meta: Mapping[str, Any], factors: FactorSet, model: nn.Module) -> CapabilityCurvature:
     identity = copy.deepcopy(dict(meta["capability_identity"]))
     params = dict(model.named_parameters())
-    dtype = FACTOR_DTYPES[identity["dtype"]]
-    eigenbases = {name: Eigenbasis.from_factors(f.A.to(params[name].device), f.S.to(params[name].device), dtype,
-                                                layer=name) for name, f in factors.factors.items()}
+    devices = {name: params[name].device for name in factors.factors}
+    eigenbases = _eigenbases_for(factors, devices, FACTOR_DTYPES[identity["dtype"]])
     return CapabilityCurvature(identity, factors, eigenbases, "edit state file", "computed")
