@@ -492,7 +492,7 @@ def main(argv=None) -> int:
                               "config": vars(args), "environment": environment(device)}
     names = [DOWN_PROJ.format(int(i)) for i in args.layers.split(",")]
     if not args.skip_collection:
-        from crispedit_easyedit.models import load_model_and_tokenizer
+        from crispedit_easyedit.bench.models import load_model_and_tokenizer
 
         torch.manual_seed(0)
         model, tok = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)

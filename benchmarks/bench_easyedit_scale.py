@@ -33,9 +33,9 @@ logger = logging.getLogger("bench_easyedit_scale")
 
 
 def load(args):
-    from crispedit_easyedit.data import load_requests
+    from crispedit_easyedit.bench.data import load_requests
     from crispedit_easyedit.hparams import CrispEditHyperParams
-    from crispedit_easyedit.models import load_model_and_tokenizer
+    from crispedit_easyedit.bench.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct-offline")
     requests = list(load_requests("zsre", args.data_path, args.start, args.count).requests)
@@ -44,7 +44,7 @@ def load(args):
 
 
 def final_scores(model, tok, requests) -> dict:
-    from crispedit_easyedit.evaluation import teacher_forced_scores
+    from crispedit_easyedit.bench.evaluation import teacher_forced_scores
 
     scores = teacher_forced_scores(model, tok, requests, batch_size=16)
     return {"reliability": scores["rewrite_acc"], "generalization": scores["rephrase_acc"]}

@@ -9,6 +9,12 @@ The public API is re-exported lazily (importing the package imports neither torc
     capability_curvature: the cached capability curvature and eigenbases a model's edits use (``state``).
     edit_state, reset_edit_state, save_edit_state, load_edit_state: the per-model edit state (``state``).
     CurvatureError, NonFiniteError: what bad factors and a diverged edit raise (``checks``).
+    apply_crispedit_to_model: EasyEdit's apply function (``easyedit.apply``).
+    register_with_easyedit: register "CrispEdit" in EasyEdit's ALG_DICT (``easyedit.register``; importing
+        ``crispedit_easyedit.easyedit`` also registers, as a convenience).
+
+The experiment side (offline models and data, evaluation, the main job and CLI, the side-by-side harness) lives in
+``crispedit_easyedit.bench``; the core never imports it.
 """
 
 from typing import Any
@@ -25,6 +31,8 @@ _EXPORTS = {
     "load_edit_state": "state",
     "CurvatureError": "checks",
     "NonFiniteError": "checks",
+    "apply_crispedit_to_model": "easyedit.apply",
+    "register_with_easyedit": "easyedit",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -33,5 +41,6 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(module, "register" if name == "register_with_easyedit" else name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

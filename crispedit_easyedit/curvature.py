@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checks import CurvatureError, TEMP_PREFIX, check_factor, remove_stale_temporaries, user_file_mode  # noqa: F401
+from .choices import FISHER_TYPES
 
 logger = logging.getLogger(__name__)
 
-FISHER_TYPES = ("mc", "empirical")
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CACHE_FORMAT_VERSION = 2  # 2: keys hold no machine path (tokenizer content hash, corpus key, weights hash)
 _META_KEY = "crispedit_easyedit"

@@ -37,6 +37,8 @@ from typing import Any, ClassVar, Mapping
 import torch
 import yaml
 
+from .choices import CURVATURE_AT, FISHER_TYPES, PROJECTION_MODES  # noqa: F401 - re-exported
+
 logger = logging.getLogger(__name__)
 
 ALG_NAME = "CrispEdit"
@@ -69,9 +71,6 @@ _LEGACY_NEUTRAL: dict[str, tuple[Any, ...]] = {
 
 DEVICE_CHOICES = "a non-negative CUDA index (int), 'cpu', 'cuda', 'cuda:N' or 'mps'"
 MOM2_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
-FISHER_TYPES: tuple[str, ...] = ("mc", "empirical")
-PROJECTION_MODES: tuple[str, ...] = ("gradient", "update", "both", "none")
-CURVATURE_AT: tuple[str, ...] = ("base", "current")
 EVALUATION_TYPES: tuple[str | None, ...] = (None, "LLM-judge", "generate-text")
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 

@@ -25,8 +25,7 @@ from typing import Callable, Iterable
 import torch
 
 from .checks import NonFiniteError, check_finite_step  # noqa: F401 - NonFiniteError is what step() raises
-
-PROJECTION_MODES = ("gradient", "update", "both", "none")
+from .choices import PROJECTION_MODES
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 

@@ -75,7 +75,8 @@ def run_phase(phase: str, fault: str, workdir: Path) -> dict:
 
     import safetensors.torch
 
-    from crispedit_easyedit import cli, curvature, job, models, optim, projector
+    from crispedit_easyedit import curvature, optim, projector
+    from crispedit_easyedit.bench import cli, job, models
 
     state = {"phase": phase, "fired": None, "loaded": None, "final": None, "outcome": None}
     loaded = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crispedit_easyedit import cli
+from crispedit_easyedit.bench import cli
 from crispedit_easyedit.checks import CurvatureError, NotWritableError
 from crispedit_easyedit.curvature import FactorSet, KFACFactors, model_fingerprint
 from crispedit_easyedit.delta import apply_changed_tensors, save_changed_tensors
@@ -388,7 +388,7 @@ def test_bad_input_is_named_before_the_work(request, tmp_path, monkeypatch, caps
         assert _temporaries(tmp_path) == []
         return
     tmp_path, model_dir, hparams = request.getfixturevalue("setup")
-    import crispedit_easyedit.job as job
+    import crispedit_easyedit.bench.job as job
     import crispedit_easyedit.state as state
 
     started = []
@@ -441,7 +441,7 @@ def test_nan_weights_fail_the_cache_command_and_cache_nothing(setup, capsys):
 @needs_data
 def test_the_saved_edit_survives_a_failure_after_the_edit(setup, monkeypatch, capsys):
     tmp_path, model_dir, hparams = setup
-    import crispedit_easyedit.job as job
+    import crispedit_easyedit.bench.job as job
 
     real = job.measure
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from crispedit_easyedit import cli, job
+from crispedit_easyedit.bench import cli, job
 from crispedit_easyedit.delta import apply_changed_tensors
 from tests.tiny_models import SHARED_DATA, tiny_llama, tiny_tokenizer, training_text
 
@@ -113,7 +113,7 @@ def test_the_hparams_file_names_the_model_and_model_overrides_it(setup, monkeypa
     named = tmp_path / "named.yaml"
     named.write_text(hparams.read_text().replace("model_name: tiny-llama", f'model_name: "{model_dir}"'))
     loaded = []
-    import crispedit_easyedit.models as models
+    import crispedit_easyedit.bench.models as models
 
     real_load = models.load_model_and_tokenizer
     monkeypatch.setattr(models, "load_model_and_tokenizer",

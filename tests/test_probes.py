@@ -1,4 +1,4 @@
-"""Tests of crispedit_easyedit.probes: Factbook probes (real package data) and their scoring."""
+"""Tests of crispedit_easyedit.bench.probes: Factbook probes (real package data) and their scoring."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from crispedit_easyedit import probes as pr
+from crispedit_easyedit.bench import probes as pr
 from tests.test_evaluation import BV, bigram, ids_of, last_id, script
 from tests.tiny_models import tiny_tokenizer
 
@@ -132,7 +132,7 @@ def test_probe_accuracy_contains_rule() -> None:
 @pytest.mark.slow
 def test_real_smollm2_knows_paris_and_scores_probes() -> None:
     pytest.importorskip("gguf", reason="the offline model needs the 'gguf' package")
-    from crispedit_easyedit.models import load_model_and_tokenizer
+    from crispedit_easyedit.bench.models import load_model_and_tokenizer
 
     try:
         model, tok = load_model_and_tokenizer("smollm2-135m-instruct-offline")

@@ -10,11 +10,11 @@ pytestmark = [pytest.mark.slow,
 
 def test_smollm2_three_zsre_edits_land_and_keep_heldout_perplexity(tmp_path):
     from crispedit_easyedit.corpora import load_corpus, spread_windows
-    from crispedit_easyedit.data import load_requests
+    from crispedit_easyedit.bench.data import load_requests
     from crispedit_easyedit.editing import apply_crispedit, tokenize_edit
-    from crispedit_easyedit.evaluation import contains, generate_from_ids, perplexity
+    from crispedit_easyedit.bench.evaluation import contains, generate_from_ids, perplexity
     from crispedit_easyedit.hparams import CrispEditHyperParams
-    from crispedit_easyedit.models import load_model_and_tokenizer
+    from crispedit_easyedit.bench.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct-offline")
     requests = load_requests("zsre", SHARED_DATA / "zsre_train.json", 0, 3).requests

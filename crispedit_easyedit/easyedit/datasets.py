@@ -1,6 +1,6 @@
 """Read benchmark records through EasyEdit's own dataset classes and convert them into CrispEdit requests.
 
-This mirrors :func:`crispedit_easyedit.data.load_requests`, but lets EasyEdit parse the files
+This mirrors :func:`crispedit_easyedit.bench.data.load_requests`, but lets EasyEdit parse the files
 (``ZsreDataset``, ``CounterFactDataset`` and, on EasyEdit's GitHub main, ``WikiBigEditDataset``), so users can check
 that both paths give the same requests. EasyEdit is imported lazily inside the functions.
 
@@ -10,11 +10,11 @@ Differences of EasyEdit's readers that this module compensates for:
   read back from the raw record (by ``case_id``) and the dropped records are counted as ``missing_target_new``.
   It also asserts that every ``loc`` contains ``"nq question: "``.
 - ``CounterFactDataset`` reads only the counterfact-edit form; files in ROME's release form (``requested_rewrite``)
-  are read with :func:`crispedit_easyedit.data.load_requests` instead (logged at INFO).
-- The embedded ``"factbook"`` set has no file: it always comes from :func:`crispedit_easyedit.data.load_requests`.
+  are read with :func:`crispedit_easyedit.bench.data.load_requests` instead (logged at INFO).
+- The embedded ``"factbook"`` set has no file: it always comes from :func:`crispedit_easyedit.bench.data.load_requests`.
 - ``WikiBigEditDataset`` (GitHub main only) reads only the original release form (``update``, ``ans``, ...). For
   files in CrispEdit's 6-field form, or on the PyPI EasyEdit that has no such class, the records are read with
-  :func:`crispedit_easyedit.data.load_requests` instead (logged at INFO).
+  :func:`crispedit_easyedit.bench.data.load_requests` instead (logged at INFO).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from crispedit_easyedit.data import (
+from crispedit_easyedit.bench.data import (
     EMBEDDED_DATASET,
     RequestSet,
     _check_dataset,
@@ -139,16 +139,16 @@ def load_requests_with_easyedit(
     start: int = 0,
     count: int | None = None,
 ) -> RequestSet:
-    """Like :func:`crispedit_easyedit.data.load_requests`, but the records are parsed by EasyEdit's dataset classes.
+    """Like :func:`crispedit_easyedit.bench.data.load_requests`, but the records are parsed by EasyEdit's dataset classes.
 
     Args:
         dataset: ``"zsre"``, ``"counterfact"`` or ``"wikibigedit"``.
-        path: The records file; default :func:`crispedit_easyedit.data.default_data_path` ``(dataset)``.
+        path: The records file; default :func:`crispedit_easyedit.bench.data.default_data_path` ``(dataset)``.
         start: Index of the first record in the file.
         count: Number of records from ``start``; None reads to the end.
 
     Returns:
-        A :class:`~crispedit_easyedit.data.RequestSet` whose ``source`` starts with ``"easyeditor:"`` when EasyEdit
+        A :class:`~crispedit_easyedit.bench.data.RequestSet` whose ``source`` starts with ``"easyeditor:"`` when EasyEdit
         parsed the records.
 
     Raises:
@@ -157,7 +157,7 @@ def load_requests_with_easyedit(
     """
     _check_dataset(dataset)
     if dataset == EMBEDDED_DATASET:
-        logger.info("The embedded %r set is generated, not parsed: crispedit_easyedit.data.load_requests.", dataset)
+        logger.info("The embedded %r set is generated, not parsed: crispedit_easyedit.bench.data.load_requests.", dataset)
         return load_requests(dataset, path, start, count)
     file = resolve_records_path(path) if path is not None else default_data_path(dataset)
     raw = read_records(file)
@@ -168,7 +168,7 @@ def load_requests_with_easyedit(
         items, extra = _zsre_records(module, file, raw, start, stop)
     elif dataset == "counterfact":
         if any(isinstance(r, Mapping) and is_rome_counterfact_form(r) for r in raw[start:stop]):
-            logger.info("Reading %s with crispedit_easyedit.data.load_requests: CounterFactDataset reads only the "
+            logger.info("Reading %s with crispedit_easyedit.bench.data.load_requests: CounterFactDataset reads only the "
                         "counterfact-edit form, not ROME's release form.", file)
             return load_requests(dataset, file, start, count)
         items, extra = _counterfact_records(module, file, start, stop)
@@ -177,7 +177,7 @@ def load_requests_with_easyedit(
         if not hasattr(module, "WikiBigEditDataset") or not release_form:
             why = ("this EasyEdit has no WikiBigEditDataset" if not hasattr(module, "WikiBigEditDataset")
                    else "the file is not in WikiBigEdit's release form, the only form WikiBigEditDataset reads")
-            logger.info("Reading %s with crispedit_easyedit.data.load_requests: %s.", file, why)
+            logger.info("Reading %s with crispedit_easyedit.bench.data.load_requests: %s.", file, why)
             return load_requests(dataset, file, start, count)
         items, extra = _wikibigedit_records(module, file, start, stop)
     return build_request_set(dataset, items, f"easyeditor:{file}", start, stop, extra_skipped=extra)

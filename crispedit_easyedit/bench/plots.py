@@ -9,7 +9,7 @@ from typing import Mapping
 
 import torch
 
-from .projector import KroneckerProjector
+from ..projector import KroneckerProjector
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The main job as a library: load a model, edit it with CrispEdit on benchmark records, and measure what the edit
 achieved and what it cost the model, before and after, on the same model object.
 
-The CLI (``crispedit_easyedit.cli``) is a thin layer over :func:`run_edit_job` and :func:`run_eval_job`; the
+The CLI (``crispedit_easyedit.bench.cli``) is a thin layer over :func:`run_edit_job` and :func:`run_eval_job`; the
 benchmarks call the same functions.
 """
 
@@ -21,15 +21,15 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from . import __version__
-from .editing import apply_crispedit, check_edit_inputs, edit_targets
-from .state import capability_curvature
-from .hparams import CrispEditHyperParams
+from .. import __version__
+from ..editing import apply_crispedit, check_edit_inputs, edit_targets
+from ..state import capability_curvature
+from ..hparams import CrispEditHyperParams
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct-offline"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_HPARAMS = REPO_ROOT / "hparams" / "CrispEdit" / "SmolLM2-135M-Instruct.yaml"
 SAVE_MODES = ("none", "delta", "full")
 
@@ -54,7 +54,7 @@ def usage_errors() -> Iterator[None]:
 @contextmanager
 def unwritable_as_usage_error() -> Iterator[None]:
     """Re-raise NotWritableError (e.g. a read-only cache_dir, found before the collection) as UsageError."""
-    from .checks import NotWritableError
+    from ..checks import NotWritableError
 
     try:
         yield
@@ -69,7 +69,7 @@ class JobConfig:
     model: str | None = None
     hparams: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
-    dataset: str | None = None  # None: crispedit_easyedit.data.default_dataset(data_path)
+    dataset: str | None = None  # None: crispedit_easyedit.bench.data.default_dataset(data_path)
     data_path: str | None = None
     start: int = 0
     count: int = 10
@@ -195,7 +195,7 @@ def model_name(cfg: JobConfig, hparams) -> str:
 
 def heldout_batches(tok, size: int, n: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
     """Held-out Wikipedia windows (never seen by the curvature statistics) in batches of ``size``."""
-    from .corpora import heldout_sequences
+    from ..corpora import heldout_sequences
 
     packed = heldout_sequences("wikipedia-offline", tok, seq_len, n)
     return [{k: v[i : i + size] for k, v in packed.items()} for i in range(0, packed["input_ids"].shape[0], size)]
@@ -272,7 +272,7 @@ def measure(model, tok, probes: Probes, cfg: JobConfig, hparams, reference=None,
 def _easyedit_metrics(model, tok, requests, hparams, before) -> dict[str, Any] | None:
     """EasyEdit's own compute_edit_quality, if EasyEdit is importable (None otherwise, with a log line)."""
     try:
-        from .easyedit.evaluate import easyedit_metrics
+        from ..easyedit.evaluate import easyedit_metrics
     except ImportError as exc:
         logger.info("EasyEdit metrics skipped: %s", exc)
         return None
@@ -373,7 +373,7 @@ def _public(metrics: Mapping[str, Any]) -> dict[str, Any]:
 def output_dir(cfg: JobConfig, kind: str) -> Path:
     """The job's output folder (``--output-dir`` or a timestamped one under outputs/), checked to be writable
     before any work (nothing is created yet)."""
-    from .checks import ensure_writable_dir
+    from ..checks import ensure_writable_dir
 
     default = (f"outputs/crispedit-{cfg.dataset}-{cfg.start}-{cfg.count}-" if kind == "edit"
                else f"outputs/eval-{cfg.dataset}-") + time.strftime("%Y%m%d-%H%M%S")
@@ -383,7 +383,7 @@ def output_dir(cfg: JobConfig, kind: str) -> Path:
 
 def check_lengths(model, hparams, cfg: JobConfig | None = None) -> None:
     """Every sequence length against the model's positions (curvature_seq_len, max_length, --heldout-seq-len)."""
-    from .curvature import check_positions
+    from ..curvature import check_positions
 
     check_positions(model, hparams.curvature_seq_len, "curvature_seq_len")
     check_positions(model, hparams.max_length, "max_length")
@@ -455,7 +455,7 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
     from .evaluation import next_token_logprobs
     from .plots import plot_energy_spectra
 
-    from .state import edit_state
+    from ..state import edit_state
 
     timer = PhaseTimer()
     out_dir = output_dir(cfg, "edit")
@@ -474,10 +474,15 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = _save_model(cfg, model, tok, targets, base_fp, hparams, out_dir, timer)  # survives a later failure
     after = measure(model, tok, probes, cfg, hparams, reference=reference, before=before, timer=timer, label="after")
+    plot_path = out_dir / "energy_spectrum.png"
     with timer.phase("plot"):
-        plot_energy_spectra(report.projectors, out_dir / "energy_spectrum.png",
-                            title=f"{cfg.model}: K-FAC curvature energy per edited layer (gamma "
-                                  f"{hparams.energy_threshold})")
+        try:
+            plot_energy_spectra(report.projectors, plot_path,
+                                title=f"{cfg.model}: K-FAC curvature energy per edited layer (gamma "
+                                      f"{hparams.energy_threshold})")
+        except ImportError as exc:  # matplotlib is the "bench" extra
+            logger.warning("no energy-spectrum plot (%s); pip install 'crispedit-easyedit[bench]' for plots", exc)
+            plot_path = None
     result = _result_header(cfg, hparams, request_set, path)
     result.update({
         "curvature": {k: v for k, v in factors.metadata.items() if k not in ("layers",)},
@@ -486,7 +491,7 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
         "rows": comparison_rows(before, after),
         "seconds": timer.seconds, "memory": peak_memory(), "saved": saved,
         "artefacts": {"report": str(out_dir / "report.md"), "json": str(out_dir / "result.json"),
-                      "plot": str(out_dir / "energy_spectrum.png")},
+                      "plot": str(plot_path) if plot_path else None},
     })
     _write(result, out_dir)
     return result
@@ -501,7 +506,7 @@ def run_eval_job(cfg: JobConfig, changed_tensors: str | None = None, force: bool
     """
     import copy
 
-    from .delta import apply_read_tensors, read_changed_tensors
+    from ..delta import apply_read_tensors, read_changed_tensors
     from .evaluation import next_token_logprobs
 
     timer = PhaseTimer()
@@ -537,7 +542,7 @@ def _save_model(cfg: JobConfig, model, tok, targets, base_fp, hparams, out_dir: 
         return None
     with timer.phase("save model"):
         if cfg.save == "delta":
-            from .delta import save_changed_tensors
+            from ..delta import save_changed_tensors
 
             path = save_changed_tensors(model, [t.name for t in targets], out_dir / "changed_tensors.safetensors",
                                         base_fingerprint=base_fp, config=hparams.to_dict(redact_secrets=True))

@@ -37,7 +37,7 @@ rephrase. All strings are stripped of surrounding whitespace.
 
 Files are ``.json`` lists or ``.jsonl`` lines, given by path or as ``"hf:<owner>/<name>[:<file>]"`` (a file of a
 hub dataset repository, fetched by ``huggingface_hub``; needs internet the first time). The dataset ``"factbook"``
-is generated, not read (:mod:`crispedit_easyedit.factbook_edits`); :func:`default_dataset` says which dataset is
+is generated, not read (:mod:`crispedit_easyedit.bench.factbook_edits`); :func:`default_dataset` says which dataset is
 used when none is named.
 
 This module never imports EasyEdit.
@@ -58,7 +58,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("factbook", "zsre", "counterfact", "wikibigedit")
-#: The embedded edit set (:mod:`crispedit_easyedit.factbook_edits`): generated, never read from a file.
+#: The embedded edit set (:mod:`crispedit_easyedit.bench.factbook_edits`): generated, never read from a file.
 EMBEDDED_DATASET = "factbook"
 #: Benchmarks read from files.
 FILE_DATASETS: tuple[str, ...] = ("zsre", "counterfact", "wikibigedit")
@@ -454,7 +454,7 @@ def load_requests(
     """Load edit requests of a benchmark.
 
     Args:
-        dataset: ``"factbook"`` (the embedded set, :mod:`crispedit_easyedit.factbook_edits`, default seed; it takes
+        dataset: ``"factbook"`` (the embedded set, :mod:`crispedit_easyedit.bench.factbook_edits`, default seed; it takes
             no path), ``"zsre"``, ``"counterfact"`` or ``"wikibigedit"``.
         path: A ``.json`` list or ``.jsonl`` file of records, or ``"hf:<owner>/<name>[:<file>]"`` (see
             :func:`resolve_records_path`); default :func:`default_data_path` ``(dataset)``.

@@ -33,7 +33,7 @@ Definitions:
   same ``n``, ``seed`` and exclusions always give the same probes.
 * **Accuracy** (``probe_accuracy``): the greedy WILD answer (at most 40 new tokens, cut at ``"."``, newline or EOS;
   template ``"chat"`` by default) counts as correct when it *contains* an acceptable answer (SQuAD-normalised,
-  whole words; see ``crispedit_easyedit.evaluation.contains``).
+  whole words; see ``crispedit_easyedit.bench.evaluation.contains``).
 """
 
 from __future__ import annotations
@@ -379,7 +379,7 @@ def answer_leaks(question: str, answer: str) -> bool:
 @functools.lru_cache(maxsize=1)
 def factbook_facts() -> tuple[CountryFacts, ...]:
     """Every usable Factbook entry with its facts, sorted by country code (the data of the probes and of the
-    embedded edit set ``crispedit_easyedit.factbook_edits``).
+    embedded edit set ``crispedit_easyedit.bench.factbook_edits``).
 
     Answers that the question of their kind contains are dropped (``answer_leaks``: for "What is the official
     language of Malaysia?" "Bahasa Malaysia" stays, the bare "Malaysia" goes); when the main (first) answer itself
@@ -435,7 +435,7 @@ def factbook_probes(
         seed: Seed of the sample (``random.Random(seed).sample``).
         kinds: Probe kinds to draw from (see ``PROBE_KINDS``).
         exclude_countries: Country codes whose probes (of every kind) are left out of the pool before sampling,
-            e.g. the countries an edit set changes (``crispedit_easyedit.factbook_edits.edited_countries``).
+            e.g. the countries an edit set changes (``crispedit_easyedit.bench.factbook_edits.edited_countries``).
 
     Returns:
         ``n`` probes (new ``Probe`` objects; changing them does not affect later calls).

