@@ -59,6 +59,11 @@ def test_edit_writes_report_json_plot_and_exact_changed_tensors(setup, monkeypat
     printed = capsys.readouterr().out
     assert "| edit (teacher-forced) | reliability (rewrite token acc.) |" in printed
     assert "held-out Wikipedia perplexity" in printed and "Factbook probe accuracy" in printed
+    # a before value true by definition shows as "-", not as a constant, and the probes are counted
+    kl_line = next(line for line in printed.splitlines() if "next-token KL(before || after)" in line)
+    cells = [c.strip() for c in kl_line.strip().strip("|").split("|")]
+    assert cells[-3] == "-" and cells[-1] == "-" and cells[-2] not in ("-", "0.0000")  # before, change; after
+    assert "Factbook probes: " in printed and "questions that contain their own answer dropped" in printed
     for name in ("report.md", "result.json", "energy_spectrum.png", "changed_tensors.safetensors"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "energy_spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -68,6 +73,10 @@ def test_edit_writes_report_json_plot_and_exact_changed_tensors(setup, monkeypat
     assert result["environment"]["versions"]["torch"] == torch.__version__
     assert result["before"]["teacher_forced"]["reliability"] < result["after"]["teacher_forced"]["reliability"]
     assert result["after"]["capability"]["heldout_kl"] > 0
+    kl_row = next(r for r in result["rows"] if r["metric"].startswith("held-out next-token KL"))
+    assert kl_row["before"] is None and kl_row["change"] is None and kl_row["after"] > 0
+    assert result["factbook_probes"]["asked"] == 4  # --n-probes 4
+    assert result["factbook_probes"]["pool"] > 4 and result["factbook_probes"]["dropped_leaking"] >= 4
     assert set(result["seconds"]) >= {"load model", "edit", "curvature (cache or collect)"}
     # the changed tensors applied to a fresh base model reproduce the edited weights bit-exactly
     from transformers import AutoModelForCausalLM

@@ -162,6 +162,31 @@ def test_no_probe_leaks_its_answer() -> None:
     assert not pr.answer_leaks("What is the capital of Singapore?", "Singa")  # whole words only
 
 
+def test_probe_pool_summary_counts_what_the_report_says() -> None:
+    """The report's probe line: the pool is every non-leaking question outside the excluded countries, and the
+    dropped count is the number of (country, kind) questions whose main answer the question contains."""
+    summary = pr.probe_pool_summary(240)
+    assert summary["pool"] == len(pr.factbook_probes(n=None))
+    assert summary["asked"] == 240 and summary["excluded_countries"] == 0
+    # recount independently: every question of a country's kinds that has answers but was not kept leaks
+    raw_leaks = 0
+    for code, path in pr._country_files():
+        if code in pr._SKIP_CODES:
+            continue
+        kept_kinds = {p.kind for p in pr._all_probes() if p.country == code}
+        data = __import__("json").loads(path.read_text(encoding="utf-8"))
+        name = pr.country_name(code, data)
+        if name is None:
+            continue
+        capital = ((data.get("Government", {}).get("Capital") or {}).get("name") or {}).get("text")
+        if pr.capital_answers(code, capital) and "capital" not in kept_kinds:
+            raw_leaks += 1
+    assert raw_leaks >= 4  # Singapore, San Marino, Vatican City, Sao Tome, Djibouti ...
+    assert summary["dropped_leaking"] >= raw_leaks
+    excluded = pr.probe_pool_summary(10, {"fr", "gm"})
+    assert excluded["pool"] == summary["pool"] - 8 and excluded["excluded_countries"] == 2
+
+
 def test_exclude_countries() -> None:
     pool = pr.factbook_probes(n=None)
     kept = pr.factbook_probes(n=None, exclude_countries={"fr", "gm"})

@@ -213,6 +213,7 @@ class Probes:
     probes: list[Any]
     heldout: list[dict[str, torch.Tensor]]
     templates: tuple[str, ...] | None
+    probe_summary: dict[str, int] | None = None  # probes.probe_pool_summary: asked, pool, dropped as leaking
 
 
 def measure(model, tok, probes: Probes, cfg: JobConfig, hparams, reference=None,
@@ -293,7 +294,11 @@ def _easyedit_metrics(model, tok, requests, hparams, before) -> dict[str, Any] |
 
 
 def comparison_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Rows (group, metric, before, after, change) for every metric, in report order."""
+    """Rows (group, metric, before, after, change) for every metric, in report order.
+
+    A "before" value that is true by definition (the KL of the model to itself, "unchanged" shares) is None, shown
+    as "-" in the report, and so is its change: the after value says everything.
+    """
     rows: list[dict[str, Any]] = []
 
     def add(group: str, metric: str, b: float | None, a: float | None, relative: bool = False) -> None:
@@ -314,22 +319,22 @@ def comparison_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> list
     cb, ca = before["capability"], after["capability"]
     add("capability", "held-out Wikipedia perplexity (relative change)", cb["heldout_perplexity"],
         ca["heldout_perplexity"], relative=True)
-    add("capability", "held-out next-token KL(before || after)", 0.0, ca.get("heldout_kl"))
+    add("capability", "held-out next-token KL(before || after)", None, ca.get("heldout_kl"))  # 0 by definition
     if "factbook_accuracy" in ca:
         add("capability", "Factbook probe accuracy", cb["factbook_accuracy"], ca["factbook_accuracy"])
     add("locality", "teacher-forced locality answer accuracy", tb["locality_answer_accuracy"],
         ta["locality_answer_accuracy"])
     if "locality_unchanged_tokens" in ta:
-        add("locality", "teacher-forced locality tokens unchanged", 1.0, ta["locality_unchanged_tokens"])
+        add("locality", "teacher-forced locality tokens unchanged", None, ta["locality_unchanged_tokens"])
     for template, sa in after["wild"]["per_template"].items():
         if sa.get("locality_unchanged") is not None:
-            add("locality", f"greedy locality answers unchanged ({template})", 1.0, sa["locality_unchanged"])
+            add("locality", f"greedy locality answers unchanged ({template})", None, sa["locality_unchanged"])
     eb, ea = before.get("easyedit"), after.get("easyedit")
     if eb and ea:
         add("EasyEdit evaluator", "rewrite_acc", eb["rewrite_acc"], ea["rewrite_acc"])
         add("EasyEdit evaluator", "rephrase_acc", eb["rephrase_acc"], ea["rephrase_acc"])
         for key, value in (ea.get("locality") or {}).items():
-            add("EasyEdit evaluator", f"locality {key}", 1.0, value)
+            add("EasyEdit evaluator", f"locality {key}", None, value)
     return rows
 
 
@@ -343,6 +348,7 @@ def format_report(result: Mapping[str, Any]) -> str:
              f"records {result['requests']['start']}..{result['requests']['start'] + result['requests']['count'] - 1}"
              f" ({result['requests']['n_edits']} edits, {result['requests']['n_skipped']} skipped)", "",
              f"Records: {result['requests'].get('source', result['requests']['path'])}", "",
+             *_probe_line(result.get("factbook_probes")),
              "| group | metric | before | after | change |", "|---|---|---|---|---|"]
     for row in result["rows"]:
         change = row["change"]
@@ -354,6 +360,17 @@ def format_report(result: Mapping[str, Any]) -> str:
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in result["seconds"].items()]
     lines += ["", "Memory: " + ", ".join(f"{k} {v}" for k, v in result["memory"].items())]
     return "\n".join(lines)
+
+
+def _probe_line(summary: Mapping[str, int] | None) -> list[str]:
+    """The report's line on the Factbook probes (empty when none were asked)."""
+    if not summary:
+        return []
+    excluded = (f", {summary['excluded_countries']} edited countries excluded" if summary["excluded_countries"]
+                else "")
+    return [f"Factbook probes: {summary['asked']} asked, drawn from {summary['pool']} questions "
+            f"({summary['dropped_leaking']} questions that contain their own answer dropped{excluded}). "
+            "A before value that is true by definition (KL 0, unchanged 1) shows as -.", ""]
 
 
 def _public(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -400,7 +417,7 @@ def prepare(cfg: JobConfig, timer: PhaseTimer):
     from .data import EMBEDDED_DATASET, load_requests
     from .factbook_edits import edited_countries
     from .models import load_model_and_tokenizer
-    from .probes import factbook_probes
+    from .probes import factbook_probes, probe_pool_summary
 
     with usage_errors():
         hparams = load_hparams(cfg.hparams, cfg.overrides, cfg.device)
@@ -419,7 +436,8 @@ def prepare(cfg: JobConfig, timer: PhaseTimer):
         probes = Probes(requests=list(request_set.requests),
                         probes=factbook_probes(cfg.n_probes, exclude_countries=excluded) if cfg.n_probes else [],
                         heldout=heldout_batches(tok, cfg.eval_batch_size, cfg.heldout_sequences, cfg.heldout_seq_len),
-                        templates=cfg.templates)
+                        templates=cfg.templates,
+                        probe_summary=probe_pool_summary(cfg.n_probes, excluded) if cfg.n_probes else None)
     if not probes.requests:
         raise UsageError(f"no usable records in {path} range {cfg.start}..{cfg.start + cfg.count - 1}: "
                          f"skipped {dict(request_set.skipped)}")
@@ -435,7 +453,7 @@ def _portable_source(cfg: JobConfig, source: str) -> str:
     return portable_path(source)
 
 
-def _result_header(cfg: JobConfig, hparams, request_set, path) -> dict[str, Any]:
+def _result_header(cfg: JobConfig, hparams, request_set, path, probes: Probes) -> dict[str, Any]:
     return {
         "config": {"job": dataclasses.asdict(cfg), "hparams": hparams.to_dict(redact_secrets=True)},
         "environment": environment(),
@@ -443,6 +461,7 @@ def _result_header(cfg: JobConfig, hparams, request_set, path) -> dict[str, Any]
                      "source": _portable_source(cfg, request_set.source), "start": cfg.start, "count": cfg.count,
                      "n_edits": len(request_set.requests), "n_skipped": request_set.n_skipped,
                      "skipped": dict(request_set.skipped)},
+        "factbook_probes": probes.probe_summary,
     }
 
 
@@ -483,7 +502,7 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
         except ImportError as exc:  # matplotlib is the "bench" extra
             logger.warning("no energy-spectrum plot (%s); pip install 'crispedit-easyedit[bench]' for plots", exc)
             plot_path = None
-    result = _result_header(cfg, hparams, request_set, path)
+    result = _result_header(cfg, hparams, request_set, path, probes)
     result.update({
         "curvature": {k: v for k, v in factors.metadata.items() if k not in ("layers",)},
         "edit": dict(report.to_dict(), summary=report.summary()),
@@ -526,7 +545,7 @@ def run_eval_job(cfg: JobConfig, changed_tensors: str | None = None, force: bool
     before = measure(model, tok, probes, cfg, hparams, timer=timer, label="base")
     after = measure(edited, tok, probes, cfg, hparams, reference=reference, before=before, timer=timer,
                     label="edited")
-    result = _result_header(cfg, hparams, request_set, path)
+    result = _result_header(cfg, hparams, request_set, path, probes)
     result.update({"edit": {"summary": f"changed tensors from {changed_tensors}" if changed_tensors else
                             "no changed tensors given: the base model compared with itself",
                             "changed_tensors_metadata": meta},

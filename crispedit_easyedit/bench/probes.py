@@ -376,7 +376,6 @@ def answer_leaks(question: str, answer: str) -> bool:
     return contains(question, answer)
 
 
-@functools.lru_cache(maxsize=1)
 def factbook_facts() -> tuple[CountryFacts, ...]:
     """Every usable Factbook entry with its facts, sorted by country code (the data of the probes and of the
     embedded edit set ``crispedit_easyedit.bench.factbook_edits``).
@@ -386,7 +385,14 @@ def factbook_facts() -> tuple[CountryFacts, ...]:
     leaks ("What is the capital of Singapore?", "What is the currency of Sierra Leone?" -> leone), the kind is
     dropped for that country, and an entry left without any kind is dropped.
     """
+    return _facts_and_leaks()[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _facts_and_leaks() -> tuple[tuple[CountryFacts, ...], int]:
+    """``factbook_facts()`` and the number of questions dropped because their main answer leaks."""
     countries: list[CountryFacts] = []
+    leaking = 0
     for code, path in _country_files():
         if code in _SKIP_CODES:
             continue
@@ -409,11 +415,26 @@ def factbook_facts() -> tuple[CountryFacts, ...]:
             if answers and answers[0] == fields[kind][0]:
                 facts[kind] = answers
             elif fields[kind]:
+                leaking += 1
                 logger.debug("%s: answers the question contains: %s", question,
                              [a for a in fields[kind] if a not in answers])
         if facts:
             countries.append(CountryFacts(code, name, facts))
-    return tuple(countries)
+    return tuple(countries), leaking
+
+
+def probe_pool_summary(n_asked: int, exclude_countries: Collection[str] = ()) -> dict[str, int]:
+    """How many Factbook probes a report asks and what they are drawn from.
+
+    Returns:
+        ``{"asked": n_asked, "pool": questions left to draw from (every kind, edited countries excluded),
+        "dropped_leaking": questions dropped because the question contains their answer,
+        "excluded_countries": countries left out}``.
+    """
+    excluded = frozenset(exclude_countries)
+    pool = sum(1 for p in _all_probes() if p.country not in excluded)
+    return {"asked": n_asked, "pool": pool, "dropped_leaking": _facts_and_leaks()[1],
+            "excluded_countries": len(excluded)}
 
 
 @functools.lru_cache(maxsize=1)
