@@ -27,6 +27,7 @@ from .curvature import (
 )
 from .optim import ProjectedAdam, leak_fraction
 from .projector import Eigenbasis, KroneckerProjector, kfac_quadratic_form
+from .templates import chat_answer_suffix, prompt_text
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +91,49 @@ def tokenize_edit(tok, prompt: str, target: str, max_length: int) -> tuple[list[
     target_ids = list(tok(target_text, add_special_tokens=False)["input_ids"])
     if len(target_ids) > 1 and tok.convert_ids_to_tokens(target_ids[0]) == "\u2581":  # SentencePiece lone "▁"
         target_ids = target_ids[1:]
+    return _join(prompt_ids, target_ids, max_length, target)
+
+
+def _join(prompt_ids: list[int], target_ids: list[int], max_length: int, target: str) -> tuple[list[int], list[int]]:
+    """prompt + target ids and labels, the prompt cut from the left to fit ``max_length``."""
     if len(target_ids) >= max_length:
         raise ValueError(f"target {target!r} has {len(target_ids)} tokens, more than max_length={max_length} - 1")
-    keep_prompt = max_length - len(target_ids)
-    prompt_ids = prompt_ids[-keep_prompt:]
+    prompt_ids = prompt_ids[-(max_length - len(target_ids)):]
     return prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids
+
+
+def tokenize_edit_formatted(tok, prompt: str, target: str, fmt: str, max_length: int,
+                            eos_after_target: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one edit rendered in a training format (:mod:`crispedit_easyedit.templates`).
+
+    "raw", "qa" and format strings render the prompt text and go through :func:`tokenize_edit` (so "raw" is exactly
+    the unformatted example); with ``eos_after_target`` the tokenizer's EOS follows the target and is learned too.
+    "chat" tokenises the chat template's generation prompt (without special tokens: the template writes them) and,
+    as the labelled part, the assistant turn: the target plus the template's end-of-turn marker.
+
+    Returns:
+        (input_ids, labels), two lists of equal length; labels are IGNORE_INDEX except on the learned tokens.
+    """
+    if fmt != "chat":
+        ids, labels = tokenize_edit(tok, prompt_text(tok, prompt, fmt), target, max_length - int(eos_after_target))
+        if eos_after_target and tok.eos_token_id is not None:
+            ids, labels = ids + [int(tok.eos_token_id)], labels + [int(tok.eos_token_id)]
+        return ids, labels
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError(f"empty target_new: it must be a non-empty string, got {target!r} (prompt {prompt!r})")
+    question = prompt.rstrip()
+    prompt_ids = list(tok(prompt_text(tok, prompt, "chat"), add_special_tokens=False)["input_ids"])
+    target_ids = list(tok(chat_answer_suffix(tok, question, target.strip()), add_special_tokens=False)["input_ids"])
+    return _join(prompt_ids, target_ids, max_length, target)
+
+
+def edit_examples(tok, requests: Sequence[Mapping[str, Any]], hparams) -> list[tuple[list[int], list[int]]]:
+    """The training examples of ``requests``: one per request and format of ``hparams.train_formats`` (default
+    ``["raw"]``), request-major (all formats of request 0, then request 1, ...)."""
+    formats = list(getattr(hparams, "train_formats", None) or ["raw"])
+    eos = bool(getattr(hparams, "train_eos", False))
+    return [tokenize_edit_formatted(tok, r["prompt"], r["target_new"], fmt, hparams.max_length, eos)
+            for r in requests for fmt in formats]
 
 
 def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -262,7 +301,7 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
         NonFiniteError: a loss, gradient or step is NaN or inf (the weights may be changed; the caller restores).
     """
     device = input_device(model)  # the embedding's device (not an edited layer's, under device_map)
-    examples = [tokenize_edit(tok, r["prompt"], r["target_new"], hparams.max_length) for r in requests]
+    examples = edit_examples(tok, requests, hparams)
     pad = pad_token_id(tok)
     projections = [None if projectors is None else _projection_fn(t, projectors[t.name]) for t in targets]
     mode = "none" if projectors is None else hparams.projection_mode
@@ -302,7 +341,7 @@ def edit_statistics(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
     otherwise only the positions predicting target tokens; the first ``hparams.exclude_first_tokens`` positions of
     each sequence are left out as for the capability statistics. Batches of ``hparams.train_batch_size``.
     """
-    examples = [tokenize_edit(tok, r["prompt"], r["target_new"], hparams.max_length) for r in requests]
+    examples = edit_examples(tok, requests, hparams)
     batches = []
     for batch in _batches(examples, hparams.train_batch_size, pad_token_id(tok)):
         labels = batch.pop("labels")
@@ -350,6 +389,7 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
     from .state import CapabilityCurvature, EditState, UnrecordedChunk, _eigenbases_for, attach_state, layer_devices
 
     targets = check_edit_inputs(model, requests, hparams, factors)
+    edit_examples(tok, requests, hparams)  # a format the tokenizer cannot render fails here, before any work
     names = [t.name for t in targets]
     originals = {t.name: t.param.detach().clone() for t in targets}
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}

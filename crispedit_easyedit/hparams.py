@@ -38,6 +38,7 @@ import torch
 import yaml
 
 from .choices import CURVATURE_AT, FISHER_TYPES, PROJECTION_MODES  # noqa: F401 - re-exported
+from .templates import NAMED_FORMATS, check_format
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,15 @@ class CrispEditHyperParams:
     early_stop_loss: float = _f(0.01, "Stop editing once the mean edit loss of an epoch falls below this (paper: "
                                       "0.01); 0 disables early stopping.")
     seed: int = _f(0, "Random seed of Monte Carlo labels, data order and corpus sampling.")
+    train_formats: list[str] = _f(help="Formats each edit is trained in (one example per edit and format; "
+                                       "crispedit_easyedit.templates): 'raw' (the prompt as is), 'qa' (the "
+                                       "paper's WILD QA context), 'chat' (the tokenizer's chat template, the "
+                                       "target as the assistant turn plus end-of-turn) or a format string "
+                                       "holding {prompt}. Default ['raw'].",
+                                  default_factory=lambda: ["raw"])
+    train_eos: bool = _f(False, "Learn the tokenizer's EOS after the target in the 'raw', 'qa' and format-string "
+                                "formats, so that generation stops after the answer ('chat' always learns its "
+                                "end-of-turn).")
     # --- Curvature (capability statistics) -----------------------------------------------------------------------
     energy_threshold: float = _f(0.8, "gamma: fraction of the Kronecker eigenvalue energy whose directions are "
                                       "removed from the update, in (0, 1].")
@@ -160,7 +170,7 @@ class CrispEditHyperParams:
     _FLOAT_FIELDS: ClassVar[frozenset[str]] = frozenset({"lr", "weight_decay", "energy_threshold",
                                                          "early_stop_loss", "edit_stats_weight"})
     _BOOL_FIELDS: ClassVar[frozenset[str]] = frozenset({"model_parallel", "edit_kfac_on_full_sequence", "fp16",
-                                                        "use_chat_template"})
+                                                        "use_chat_template", "train_eos"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -216,8 +226,26 @@ class CrispEditHyperParams:
         if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
             raise ValueError(f"cache_dir must be a non-empty path string or None (no disk cache), "
                              f"got {self.cache_dir!r}")
+        self._check_train_formats()
         if self.api_key is not None and not isinstance(self.api_key, str):
             raise ValueError(f"api_key must be a string or None, got a {type(self.api_key).__name__}")
+
+    def _check_train_formats(self) -> None:
+        formats = self.train_formats
+        if isinstance(formats, str):
+            formats = [formats]
+        if not isinstance(formats, (list, tuple)) or not formats:
+            raise ValueError(f"train_formats must be a non-empty list of formats ({', '.join(NAMED_FORMATS)} or a "
+                             f"format string holding {{prompt}}), got {self.train_formats!r}")
+        for fmt in formats:
+            check_format(fmt)
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"train_formats lists a format twice: {list(formats)}")
+        self.train_formats = list(formats)
+        if self.use_chat_template and "chat" not in self.train_formats:
+            logger.warning("use_chat_template is true (EasyEdit evaluates through the chat template) but "
+                           "train_formats %s does not train in it: add 'chat' so training and evaluation agree",
+                           self.train_formats)
 
     def _check_alg_name(self) -> None:
         if self.alg_name in LEGACY_ALG_NAMES:

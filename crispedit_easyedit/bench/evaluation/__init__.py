@@ -50,9 +50,80 @@ Definitions (all of them are what the functions below compute):
 
 from __future__ import annotations
 
-from .common import TEMPLATES, QA_TEMPLATE, STOP_STRINGS, Batch, model_device, eval_mode, eos_token_ids, chunks  # noqa: F401
-from .text import squad_normalize, exact_match, contains  # noqa: F401
-from .prompts import has_chat_template, format_prompt, prompt_token_ids, truncate_answer  # noqa: F401
-from .wild import generate_from_ids, wild_generate, locality_pairs, wild_scores, locality_unchanged  # noqa: F401
-from .teacher_forced import prompt_target_ids, teacher_forced_predictions, teacher_forced_accuracy, locality_token_agreement, teacher_forced_scores  # noqa: F401
-from .capability import perplexity, ReferenceLogprobs, next_token_logprobs, kl_to_reference, mean_kl, lm_eval_scores  # noqa: F401
+from .common import (
+    TEMPLATES,
+    QA_TEMPLATE,
+    STOP_STRINGS,
+    Batch,
+    model_device,
+    eval_mode,
+    eos_token_ids,
+    chunks,
+)
+from .text import (
+    squad_normalize,
+    exact_match,
+    contains,
+)
+from .prompts import (
+    has_chat_template,
+    format_prompt,
+    prompt_token_ids,
+    truncate_answer,
+)
+from .wild import (
+    generate_from_ids,
+    wild_generate,
+    locality_pairs,
+    wild_scores,
+    locality_unchanged,
+)
+from .teacher_forced import (
+    prompt_target_ids,
+    teacher_forced_predictions,
+    teacher_forced_accuracy,
+    locality_token_agreement,
+    teacher_forced_scores,
+)
+from .capability import (
+    perplexity,
+    ReferenceLogprobs,
+    next_token_logprobs,
+    kl_to_reference,
+    mean_kl,
+    lm_eval_scores,
+)
+
+__all__ = [
+    "TEMPLATES",
+    "QA_TEMPLATE",
+    "STOP_STRINGS",
+    "Batch",
+    "model_device",
+    "eval_mode",
+    "eos_token_ids",
+    "chunks",
+    "squad_normalize",
+    "exact_match",
+    "contains",
+    "has_chat_template",
+    "format_prompt",
+    "prompt_token_ids",
+    "truncate_answer",
+    "generate_from_ids",
+    "wild_generate",
+    "locality_pairs",
+    "wild_scores",
+    "locality_unchanged",
+    "prompt_target_ids",
+    "teacher_forced_predictions",
+    "teacher_forced_accuracy",
+    "locality_token_agreement",
+    "teacher_forced_scores",
+    "perplexity",
+    "ReferenceLogprobs",
+    "next_token_logprobs",
+    "kl_to_reference",
+    "mean_kl",
+    "lm_eval_scores",
+]

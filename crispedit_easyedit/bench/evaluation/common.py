@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from ...templates import QA_TEMPLATE
 
+__all__ = ["QA_TEMPLATE", "TEMPLATES", "STOP_STRINGS", "Batch", "model_device", "eval_mode", "eos_token_ids", "chunks"]
+
+logger = logging.getLogger(__name__)
 
 TEMPLATES: tuple[str, ...] = ("qa", "none", "chat")
 """Valid WILD prompt templates."""
-
-QA_TEMPLATE = "Please answer the question:\n\nQ: {question}\nA:"
-"""The paper's QA context (WILD)."""
 
 STOP_STRINGS: tuple[str, ...] = (".", "\n")
 """A WILD answer ends at the first of these (or at EOS)."""

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-
+from ...templates import has_chat_template
 from .common import QA_TEMPLATE, STOP_STRINGS, TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -15,11 +15,6 @@ logger = logging.getLogger(__name__)
 def _check_template(template: str) -> None:
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; valid templates: {', '.join(TEMPLATES)}")
-
-
-def has_chat_template(tok: Any) -> bool:
-    """Whether ``tok`` carries a chat template (``tok.chat_template`` is set)."""
-    return bool(getattr(tok, "chat_template", None))
 
 
 def format_prompt(tok: Any, question: str, template: str) -> str:
