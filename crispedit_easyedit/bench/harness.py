@@ -10,7 +10,7 @@ edited model with ``job.measure`` (the same evaluation for every method, EasyEdi
 
 The config (a mapping; the Hydra app passes its composed config) has these sections, all optional
 (:data:`DEFAULTS`): ``method`` (``name``, ``hparams``, ``overrides``, ``chunk_size``; other keys pass through to
-the method), ``model`` (``name``, ``hparams_name``, ``cache_dir``, ``dtype``), ``dataset`` (``name``, ``path``,
+the method; a null override keeps the hparams file's value), ``model`` (``name``, ``hparams_name``, ``cache_dir``, ``dtype``), ``dataset`` (``name``, ``path``,
 ``start``, ``count``), ``evaluation`` (``hparams``: the CrispEdit YAML whose max_length and EasyEdit fields the
 evaluation reads, the same for every method; ``templates``, ``n_probes``, ``heldout_sequences``,
 ``heldout_seq_len``, ``eval_batch_size``, ``easyedit_metrics``) and the top-level ``seed``, ``device``,
@@ -99,7 +99,8 @@ def resolve_config(config: Any) -> dict[str, Any]:
             out[key].update(value)
         else:
             out[key] = value  # top-level keys (Hydra's own groups such as 'sweep' are kept as given)
-    out["method"]["overrides"] = dict(out["method"].get("overrides") or {})
+    # a null override keeps the hparams file's value (the Hydra method files list sweepable keys as null)
+    out["method"]["overrides"] = {k: v for k, v in (out["method"].get("overrides") or {}).items() if v is not None}
     chunk = out["method"].get("chunk_size")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"method.chunk_size must be null or an integer >= 1, got {chunk!r}")
