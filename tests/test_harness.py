@@ -185,3 +185,13 @@ def test_every_method_file_names_a_registered_method_or_an_easyedit_adapter():
                                                                     "adam-nscl", "lora"} <= set(METHODS)
     assert {n for n in names if n.startswith("easyedit-")} == {
         "easyedit-memit", "easyedit-alphaedit", "easyedit-ultraedit", "easyedit-ft", "easyedit-lora"}
+
+
+def test_a_missing_method_hparams_file_is_named_before_the_model_loads(tiny_bench, monkeypatch):  # noqa: F811
+    from crispedit_easyedit.bench import harness, models
+
+    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
+    cfg = bench_config(tiny_bench, "crispedit")
+    cfg["method"]["hparams"] = "hparams/CrispEdit/no-such-model.yaml"
+    with pytest.raises(FileNotFoundError, match="method.hparams 'hparams/CrispEdit/no-such-model.yaml' does not exist"):
+        harness.run_one(cfg)

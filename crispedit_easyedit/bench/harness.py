@@ -203,16 +203,20 @@ def run_one(config: Any) -> dict[str, Any]:
 
     Raises:
         ValueError: a bad config (unknown method, key or value), before the model loads.
+        FileNotFoundError: the method's hparams file or the records file does not exist, before the model loads.
     """
     from .data import load_requests
     from .job import (PhaseTimer, _portable_source, _public, build_probes, check_lengths, comparison_rows,
                       environment, load_hparams, measure, measure_before, peak_memory)
-    from .methods import get_method
+    from .methods import get_method, resolve_path
     from .models import load_model_and_tokenizer
 
     cfg = resolve_config(config)
     name = cfg["method"]["name"]
     method = get_method(name)
+    if cfg["method"].get("hparams") and not resolve_path(cfg["method"]["hparams"]).is_file():
+        raise FileNotFoundError(f"method.hparams {cfg['method']['hparams']!r} does not exist (relative paths are "
+                                "taken from the working directory, then the repository root)")
     job_cfg = _job_config(cfg)
     eval_hparams = load_hparams(job_cfg.hparams, {}, cfg["device"])
     timer = PhaseTimer()
