@@ -8,3 +8,8 @@ PROJECTION_MODES: tuple[str, ...] = ("gradient", "update", "both", "none")
 
 CURVATURE_AT: tuple[str, ...] = ("base", "current")
 """Where the capability curvature is taken: the unedited weights theta_0, or the weights as they are now."""
+
+CURVATURE_FACTORS: tuple[str, ...] = ("kfac", "activation")
+"""Which curvature builds the projector: 'kfac' = A (x) S (CrispEdit); 'activation' = A (x) I, the activation
+covariance alone (Adam-NSCL's / AlphaEdit's input-side nullspace, paper Proposition 1): whole eigendirections of A
+are removed, for every output row alike."""

@@ -215,8 +215,16 @@ def edit_targets(model: nn.Module, hparams) -> list[EditTarget]:
 
 
 def build_projectors(eigenbases: Mapping[str, Eigenbasis], targets: Sequence[EditTarget],
-                     gamma: float) -> dict[str, KroneckerProjector]:
-    """One Kronecker projector per edit weight from its eigenbasis (only the gamma-dependent mask is computed)."""
+                     gamma: float, curvature_factors: str = "kfac") -> dict[str, KroneckerProjector]:
+    """One Kronecker projector per edit weight from its eigenbasis (only the gamma-dependent mask is computed).
+
+    ``curvature_factors`` (``choices.CURVATURE_FACTORS``): "kfac" uses A (x) S; "activation" uses A (x) I (the
+    activation covariance alone, Adam-NSCL), so the projector removes the top-energy eigendirections of A.
+    """
+    if curvature_factors == "activation":
+        eigenbases = {t.name: eigenbases[t.name].input_only() for t in targets}
+    elif curvature_factors != "kfac":
+        raise ValueError(f"curvature_factors must be one of 'kfac', 'activation'; got {curvature_factors!r}")
     return {t.name: KroneckerProjector.from_eigenbasis(eigenbases[t.name], gamma) for t in targets}
 
 
@@ -429,7 +437,8 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
         for index, part in enumerate(chunks):
             eigenbases, fresh = state.protected_eigenbases(curvature, hparams, targets)
             report.eigendecompositions += int(fresh)
-            projectors = build_projectors(eigenbases, targets, hparams.energy_threshold)
+            projectors = build_projectors(eigenbases, targets, hparams.energy_threshold,
+                                          getattr(hparams, "curvature_factors", "kfac"))
             start_of_chunk = {t.name: t.param.detach().clone() for t in targets}
             for t in targets:
                 t.param.requires_grad_(True)

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 import yaml
 
-from .choices import CURVATURE_AT, FISHER_TYPES, PROJECTION_MODES  # noqa: F401 - re-exported
+from .choices import CURVATURE_AT, CURVATURE_FACTORS, FISHER_TYPES, PROJECTION_MODES  # noqa: F401 - re-exported
 from .templates import NAMED_FORMATS, check_format
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,9 @@ class CrispEditHyperParams:
     mc_samples: int = _f(1, "Monte Carlo label samples per token when fisher_type is 'mc'.")
     projection_mode: str = _f("both", "What is projected: 'gradient' (before Adam), 'update' (Adam's step), "
                                       "'both', or 'none' (plain fine-tuning, for ablations).")
+    curvature_factors: str = _f("kfac", "Which curvature builds the projector: 'kfac' (A (x) S, CrispEdit) or "
+                                        "'activation' (A (x) I: the activation covariance alone, Adam-NSCL's "
+                                        "input-side nullspace; removes the top-energy eigendirections of A).")
     curvature_seq_len: int = _f(256, "Tokens per corpus sequence for the curvature statistics.")
     curvature_batch_size: int = _f(8, "Corpus sequences per forward/backward pass when collecting statistics.")
     exclude_first_tokens: int = _f(0, "Leading positions of each corpus sequence left out of the statistics "
@@ -218,6 +221,7 @@ class CrispEditHyperParams:
         _check_choice("mom2_dtype", self.mom2_dtype, tuple(MOM2_DTYPES))
         _check_choice("fisher_type", self.fisher_type, FISHER_TYPES)
         _check_choice("projection_mode", self.projection_mode, PROJECTION_MODES)
+        _check_choice("curvature_factors", self.curvature_factors, CURVATURE_FACTORS)
         _check_choice("curvature_at", self.curvature_at, CURVATURE_AT)
         _check_choice("evaluation_type", self.evaluation_type, EVALUATION_TYPES)
         if not isinstance(self.mom2_dataset, str) or not self.mom2_dataset.strip():

@@ -234,6 +234,11 @@ class Eigenbasis:
         return Eigenbasis(move(self.eig_in), move(self.basis_in), move(self.eig_out), move(self.basis_out),
                           self.out_features)
 
+    def input_only(self) -> "Eigenbasis":
+        """The same eigenbasis with the output factor S replaced by the identity (A (x) I): the activation-covariance
+        (Adam-NSCL) curvature. Its projector removes whole eigendirections of A, the same for every output row."""
+        return Eigenbasis(self.eig_in, self.basis_in, None, None, self.out_features)
+
 
 @dataclass
 class LayerDiagnostics:

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated WILD templates among qa, none, chat (default: all the model supports)")
         p.add_argument("--no-easyedit-metrics", action="store_true",
                        help="skip EasyEdit's own evaluators (they run when easyeditor is installed)")
+        p.add_argument("--no-before-cache", action="store_true",
+                       help="measure the unedited model again instead of reusing its cached evaluation (kept in "
+                            "$CRISPEDIT_BEFORE_EVAL_CACHE or ~/.cache/crispedit_easyedit/before_eval, keyed by "
+                            "model weights, records and evaluation settings)")
         p.add_argument("--lm-eval-tasks", default="",
                        help="comma-separated lm-evaluation-harness tasks (needs lm-eval and internet)")
 
@@ -122,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
                       output_dir=args.output_dir, n_probes=args.n_probes, heldout_sequences=args.heldout_sequences,
                       heldout_seq_len=args.heldout_seq_len, eval_batch_size=args.eval_batch_size,
                       templates=tuple(t.strip() for t in args.templates.split(",")) if args.templates else None,
-                      easyedit_metrics=not args.no_easyedit_metrics,
+                      easyedit_metrics=not args.no_easyedit_metrics, before_cache=not args.no_before_cache,
                       lm_eval_tasks=tuple(t for t in args.lm_eval_tasks.split(",") if t))
     if args.command == "edit":
         values["save"] = args.save

@@ -86,6 +86,8 @@ class JobConfig:
     save: str = "none"
     model_cache_dir: str | None = None
     progress: bool = True
+    before_cache: bool = True  # reuse the unedited model's evaluation across runs (bench.before_cache)
+    before_cache_dir: str | None = None  # None: bench.before_cache.default_cache_dir()
 
     def __post_init__(self) -> None:
         if self.dataset is None:
@@ -414,10 +416,8 @@ def prepare(cfg: JobConfig, timer: PhaseTimer):
     Everything that can be checked is checked before the model loads (hparams, the records file and range), and
     the sequence lengths right after it, before any long work.
     """
-    from .data import EMBEDDED_DATASET, load_requests
-    from .factbook_edits import edited_countries
+    from .data import load_requests
     from .models import load_model_and_tokenizer
-    from .probes import factbook_probes, probe_pool_summary
 
     with usage_errors():
         hparams = load_hparams(cfg.hparams, cfg.overrides, cfg.device)
@@ -431,17 +431,39 @@ def prepare(cfg: JobConfig, timer: PhaseTimer):
                                                   cache_dir=cfg.model_cache_dir)
         edit_targets(model, hparams)  # fail early, with the closest names, if the layers do not exist
         check_lengths(model, hparams, cfg)
-        # the probes never ask about a country the embedded edit set changes (in any of its records)
-        excluded = edited_countries() if cfg.dataset == EMBEDDED_DATASET else ()
-        probes = Probes(requests=list(request_set.requests),
-                        probes=factbook_probes(cfg.n_probes, exclude_countries=excluded) if cfg.n_probes else [],
-                        heldout=heldout_batches(tok, cfg.eval_batch_size, cfg.heldout_sequences, cfg.heldout_seq_len),
-                        templates=cfg.templates,
-                        probe_summary=probe_pool_summary(cfg.n_probes, excluded) if cfg.n_probes else None)
-    if not probes.requests:
-        raise UsageError(f"no usable records in {path} range {cfg.start}..{cfg.start + cfg.count - 1}: "
-                         f"skipped {dict(request_set.skipped)}")
+        probes = build_probes(cfg, tok, request_set)
     return hparams, model, tok, request_set, path, probes
+
+
+def build_probes(cfg: JobConfig, tok, request_set) -> Probes:
+    """What every model state is measured on: the usable requests, the Factbook probes (never about a country the
+    embedded edit set changes) and the held-out Wikipedia windows (the same for the job and the harness).
+
+    Raises:
+        UsageError: the record range holds no usable request.
+    """
+    from .data import EMBEDDED_DATASET
+    from .factbook_edits import edited_countries
+    from .probes import factbook_probes, probe_pool_summary
+
+    if not request_set.requests:
+        raise UsageError(f"no usable records in {request_set.source} range {cfg.start}..{cfg.start + cfg.count - 1}: "
+                         f"skipped {dict(request_set.skipped)}")
+    excluded = edited_countries() if cfg.dataset == EMBEDDED_DATASET else ()
+    return Probes(requests=list(request_set.requests),
+                  probes=factbook_probes(cfg.n_probes, exclude_countries=excluded) if cfg.n_probes else [],
+                  heldout=heldout_batches(tok, cfg.eval_batch_size, cfg.heldout_sequences, cfg.heldout_seq_len),
+                  templates=cfg.templates,
+                  probe_summary=probe_pool_summary(cfg.n_probes, excluded) if cfg.n_probes else None)
+
+
+def measure_before(model, tok, probes: Probes, cfg: JobConfig, hparams, timer: PhaseTimer, label: str = "before"):
+    """The unedited model's measurement and reference log-probs, through the before-evaluation cache unless
+    ``cfg.before_cache`` is off (``bench.before_cache.before_evaluation``)."""
+    from .before_cache import before_evaluation
+
+    return before_evaluation(model, tok, probes, cfg, hparams, timer=timer, use_cache=cfg.before_cache,
+                             cache_dir=cfg.before_cache_dir, label=label)
 
 
 def _portable_source(cfg: JobConfig, source: str) -> str:
@@ -471,7 +493,6 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
     Returns:
         The result dictionary that is also written to ``{output_dir}/result.json``.
     """
-    from .evaluation import next_token_logprobs
     from .plots import plot_energy_spectra
 
     from ..state import edit_state
@@ -485,9 +506,8 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
         curvature = capability_curvature(model, tok, hparams, progress=cfg.progress)
     factors = curvature.factors
     base_fp = edit_state(model).base_fingerprint  # theta_0's fingerprint, edit weights hashed completely
-    with timer.phase("evaluate before: reference log-probs"):
-        reference = next_token_logprobs(model, probes.heldout, show_progress=cfg.progress)
-    before = measure(model, tok, probes, cfg, hparams, timer=timer, label="before")
+    measured = measure_before(model, tok, probes, cfg, hparams, timer, label="before")
+    before, reference = measured.metrics, measured.reference
     with timer.phase("edit"):
         report = apply_crispedit(model, tok, probes.requests, hparams, progress=cfg.progress)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -508,6 +528,7 @@ def run_edit_job(cfg: JobConfig) -> dict[str, Any]:
         "edit": dict(report.to_dict(), summary=report.summary()),
         "before": _public(before), "after": _public(after),
         "rows": comparison_rows(before, after),
+        "before_cache": {"hit": measured.cache_hit, "key": measured.key},
         "seconds": timer.seconds, "memory": peak_memory(), "saved": saved,
         "artefacts": {"report": str(out_dir / "report.md"), "json": str(out_dir / "result.json"),
                       "plot": str(plot_path) if plot_path else None},
@@ -526,7 +547,6 @@ def run_eval_job(cfg: JobConfig, changed_tensors: str | None = None, force: bool
     import copy
 
     from ..delta import apply_read_tensors, read_changed_tensors
-    from .evaluation import next_token_logprobs
 
     timer = PhaseTimer()
     out_dir = output_dir(cfg, "eval")
@@ -540,9 +560,8 @@ def run_eval_job(cfg: JobConfig, changed_tensors: str | None = None, force: bool
         with usage_errors():
             meta = apply_read_tensors(edited, *content, changed_tensors, force=force)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with timer.phase("evaluate before: reference log-probs"):
-        reference = next_token_logprobs(model, probes.heldout, show_progress=cfg.progress)
-    before = measure(model, tok, probes, cfg, hparams, timer=timer, label="base")
+    measured = measure_before(model, tok, probes, cfg, hparams, timer, label="base")
+    before, reference = measured.metrics, measured.reference
     after = measure(edited, tok, probes, cfg, hparams, reference=reference, before=before, timer=timer,
                     label="edited")
     result = _result_header(cfg, hparams, request_set, path, probes)
@@ -550,6 +569,7 @@ def run_eval_job(cfg: JobConfig, changed_tensors: str | None = None, force: bool
                             "no changed tensors given: the base model compared with itself",
                             "changed_tensors_metadata": meta},
                    "before": _public(before), "after": _public(after), "rows": comparison_rows(before, after),
+                   "before_cache": {"hit": measured.cache_hit, "key": measured.key},
                    "seconds": timer.seconds, "memory": peak_memory(),
                    "artefacts": {"report": str(out_dir / "report.md"), "json": str(out_dir / "result.json")}})
     _write(result, out_dir)

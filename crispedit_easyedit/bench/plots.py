@@ -62,3 +62,96 @@ def plot_energy_spectra(projectors: Mapping[str, KroneckerProjector], path: str 
     plt.close(fig)
     logger.info("wrote energy spectrum plot %s", path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The side-by-side report (crispedit_easyedit.bench.report)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    logger.info("wrote plot %s", path)
+    return path
+
+
+def plot_pareto(points, path: str | Path, title: str = "", drift_label: str = "held-out KL") -> Path:
+    """Edit success (y) against capability drift (x), one labelled point per method/setting; points on the Pareto
+    front (``report.ParetoPoint.on_front``) are filled and joined, the others hollow."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for p in points:
+        ax.scatter([p.drift], [p.success], s=60, zorder=3, facecolors="C0" if p.on_front else "none",
+                   edgecolors="C0")
+        ax.annotate(p.label, (p.drift, p.success), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    front = sorted((p for p in points if p.on_front), key=lambda p: p.drift)
+    if len(front) > 1:
+        ax.plot([p.drift for p in front], [p.success for p in front], color="C0", linestyle="--", linewidth=1,
+                label="Pareto front")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel(f"capability drift: {drift_label} (lower is better)")
+    ax.set_ylabel("edit success: mean TF reliability and generalisation")
+    ax.set_title(title or "Edit success vs capability drift")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+_SWEEP_PANELS = (("reliability (TF)", lambda r: r.reliability.get("tf")),
+                 ("generalisation (TF)", lambda r: r.generalization.get("tf")),
+                 ("locality tokens unchanged (TF)", lambda r: r.locality.get("tf")),
+                 ("perplexity change %", lambda r: r.perplexity_change_pct),
+                 ("held-out KL", lambda r: r.kl))
+
+
+def plot_sweep(series, x: str, x_label: str, path: str | Path, title: str = "") -> Path:
+    """One panel per metric (reliability, generalisation, locality, perplexity change, KL) against attribute ``x``
+    of ``report.RunSummary``; one line per series (``{label: runs sorted by x}``)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(_SWEEP_PANELS), figsize=(4 * len(_SWEEP_PANELS), 3.6))
+    for ax, (name, value) in zip(axes, _SWEEP_PANELS):
+        for label, runs in series.items():
+            pairs = [(getattr(r, x), value(r)) for r in runs if value(r) is not None]
+            if pairs:
+                ax.plot(*zip(*pairs), marker="o", label=label)
+        ax.set_xlabel(x_label)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or f"Metrics against {x_label}")
+    return _save(fig, path)
+
+
+def plot_retention(runs, path: str | Path) -> Path:
+    """One panel per sequential run: the teacher-forced reliability of chunk j (one line each, starting at its
+    unedited value) after each chunk k >= j."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        retention = run.retention
+        after = retention["after_chunk"]
+        for j in range(retention["n_chunks"]):
+            xs = [0] + [k + 1 for k in range(j, len(after))]
+            ys = [retention["before"][j]] + [after[k][j] for k in range(j, len(after))]
+            ax.plot(xs, ys, marker="o", label=f"chunk {j + 1}")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("chunks edited (0 = unedited)")
+        ax.set_ylabel("TF reliability of the chunk")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{run.label}, {run.dataset}, {run.n_edits} edits", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -9,17 +9,32 @@ from __future__ import annotations
 import importlib
 import logging
 
-from .base import METHODS, EditMethod, MethodOutcome, get_method, register_method
+from .base import METHODS, EditMethod, MethodOutcome, get_method, register_method, resolve_path
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODULES: tuple[str, ...] = ()
-"""Method modules imported by ``load_all`` (filled in as methods are added)."""
+BUILTIN_MODULES: tuple[str, ...] = ("crispedit", "lora")
+"""Method modules imported by ``load_all``: ``crispedit`` (crispedit, crispedit-seq, ft, ft-seq, adam-nscl) and
+``lora`` (peft LoRA on the edit layers)."""
+
+UNAVAILABLE: dict[str, str] = {}
+"""Built-in method modules that could not be imported (a missing optional dependency), with the reason."""
 
 
 def load_all() -> None:
+    """Import every built-in method module once; one whose optional dependency is missing is recorded in
+    :data:`UNAVAILABLE` (and logged) instead of failing the others."""
     for name in BUILTIN_MODULES:
-        importlib.import_module(f"{__name__}.{name}")
+        if name in UNAVAILABLE:
+            continue
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith(__name__):
+                raise  # a listed module that does not exist is a bug, not a missing dependency
+            UNAVAILABLE[name] = f"{exc}"
+            logger.warning("editing methods of %s are unavailable: %s", name, exc)
 
 
-__all__ = ["METHODS", "EditMethod", "MethodOutcome", "get_method", "register_method", "load_all"]
+__all__ = ["METHODS", "UNAVAILABLE", "EditMethod", "MethodOutcome", "get_method", "register_method", "load_all",
+           "resolve_path"]

@@ -20,8 +20,10 @@ The receipt is JSON-serialisable and says what ran: ``method``, the settings act
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -57,10 +59,24 @@ def register_method(name: str) -> Callable[[EditMethod], EditMethod]:
 
 
 def get_method(name: str) -> EditMethod:
-    """The method registered as ``name``; a ValueError naming the valid choices otherwise."""
-    from . import load_all  # noqa: F401 - registers the built-in methods
+    """The method registered as ``name``; a ValueError naming the valid choices otherwise (and, for a built-in
+    module that could not be imported, why)."""
+    from . import UNAVAILABLE, load_all
 
     load_all()
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}")
+        missing = "".join(f"; module {module!r} is unavailable: {why}" for module, why in UNAVAILABLE.items())
+        raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}{missing}")
     return METHODS[name]
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A path from a method config: as given when it exists (absolute, or relative to the working directory), else
+    relative to the repository root (where ``hparams/`` lives); as given when neither exists (the caller's
+    FileNotFoundError then names it)."""
+    given = Path(path).expanduser()
+    if given.is_absolute() or given.exists():
+        return given
+    from ..job import REPO_ROOT
+
+    return REPO_ROOT / given if (REPO_ROOT / given).exists() else given
