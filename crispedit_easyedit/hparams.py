@@ -127,6 +127,12 @@ class CrispEditHyperParams:
                                       "removed from the update, in (0, 1].")
     mom2_dataset: str = _f("wikipedia-offline", "Capability corpus spec the curvature statistics are collected on.")
     mom2_n_samples: int = _f(64, "Number of corpus sequences the curvature statistics are collected on (paper n).")
+    mom2_chat_fraction: float = _f(0.0, "Share of the capability statistics' tokens taken from chat-formatted "
+                                        "questions (crispedit_easyedit.chat_corpus), so that answers through the "
+                                        "chat template are protected too; in [0, 1), 0 = Wikipedia only. Needs "
+                                        "fisher_type 'mc' and a tokenizer with a chat template.")
+    mom2_chat_source: str = _f("factbook-chat", "Question pool of mom2_chat_fraction: 'factbook-chat' (offline "
+                                                "Factbook questions no probe or edit asks) or a .txt/.jsonl file.")
     mom2_dtype: str = _f("float32", "dtype of K-FAC factors and their eigendecomposition: float32 or float64.")
     fisher_type: str = _f("mc", "'mc': labels sampled from the model (true Fisher / GNH, the paper's choice); "
                                 "'empirical': the corpus' next tokens.")
@@ -171,7 +177,8 @@ class CrispEditHyperParams:
         "curvature_batch_size", "exclude_first_tokens", "seed", "chunk_size",
     })
     _FLOAT_FIELDS: ClassVar[frozenset[str]] = frozenset({"lr", "weight_decay", "energy_threshold",
-                                                         "early_stop_loss", "edit_stats_weight"})
+                                                         "early_stop_loss", "edit_stats_weight",
+                                                         "mom2_chat_fraction"})
     _BOOL_FIELDS: ClassVar[frozenset[str]] = frozenset({"model_parallel", "edit_kfac_on_full_sequence", "fp16",
                                                         "use_chat_template", "train_eos"})
 
@@ -217,6 +224,10 @@ class CrispEditHyperParams:
         self.edit_stats_weight = _as_float("edit_stats_weight", self.edit_stats_weight, low=0.0)
         self.energy_threshold = _as_float("energy_threshold", self.energy_threshold, low=0.0, low_inclusive=False,
                                           high=1.0)
+        self.mom2_chat_fraction = _as_float("mom2_chat_fraction", self.mom2_chat_fraction, low=0.0)
+        if self.mom2_chat_fraction >= 1.0:
+            raise ValueError(f"mom2_chat_fraction must be in [0, 1) (a share of the statistics' tokens; Wikipedia "
+                             f"keeps the rest), got {self.mom2_chat_fraction!r}")
         # Choices and strings.
         _check_choice("mom2_dtype", self.mom2_dtype, tuple(MOM2_DTYPES))
         _check_choice("fisher_type", self.fisher_type, FISHER_TYPES)
@@ -224,6 +235,12 @@ class CrispEditHyperParams:
         _check_choice("curvature_factors", self.curvature_factors, CURVATURE_FACTORS)
         _check_choice("curvature_at", self.curvature_at, CURVATURE_AT)
         _check_choice("evaluation_type", self.evaluation_type, EVALUATION_TYPES)
+        if self.mom2_chat_fraction > 0 and self.fisher_type != "mc":
+            raise ValueError(f"mom2_chat_fraction {self.mom2_chat_fraction} needs fisher_type 'mc' (the model's own "
+                             f"sampled answers are the chat questions' labels), got {self.fisher_type!r}")
+        if not isinstance(self.mom2_chat_source, str) or not self.mom2_chat_source.strip():
+            raise ValueError(f"mom2_chat_source must be 'factbook-chat' or a .txt/.jsonl file of questions, got "
+                             f"{self.mom2_chat_source!r}")
         if not isinstance(self.mom2_dataset, str) or not self.mom2_dataset.strip():
             raise ValueError(f"mom2_dataset must be a non-empty string (the capability corpus spec, e.g. "
                              f"'wikipedia-offline'), got {self.mom2_dataset!r}")

@@ -103,6 +103,12 @@ def capability_identity(model_fp: Mapping[str, Any], tok, hparams, targets) -> d
     names = [t.name for t in targets]
     corpus = (f"{corpus_key(hparams.mom2_dataset, 'stats')}|tokenizer={tokenizer_fingerprint(tok)}"
               f"|vocab={len(tok)}")
+    chat_fraction = getattr(hparams, "mom2_chat_fraction", 0.0)
+    if chat_fraction > 0:  # only then: the keys of Wikipedia-only caches stay as they were
+        from .chat_corpus import chat_corpus_key
+
+        corpus += (f"|chat={chat_corpus_key(hparams.mom2_chat_source)}|chat_fraction={chat_fraction!r}"
+                   f"|chat_template={hashlib.sha256(str(tok.chat_template).encode()).hexdigest()[:16]}")
     weights = {"weights_sha256": model_fp["weights_sha256"], "revision": model_fp.get("revision")}
     return curvature_identity(weights, names, {t.name: t.shape for t in targets}, corpus, hparams.mom2_n_samples,
                               hparams.curvature_seq_len, hparams.fisher_type, hparams.mc_samples, hparams.mom2_dtype,
@@ -118,10 +124,29 @@ def _collect_capability(model, tok, hparams, targets, progress: bool) -> FactorS
     size = hparams.curvature_batch_size
     batches = [{key: value[i : i + size] for key, value in packed.items()}
                for i in range(0, packed["input_ids"].shape[0], size)]
+    batches += _chat_batches(tok, hparams, int(packed["attention_mask"].sum()))
     return collect_kfac_factors(  # under torch.distributed each rank collects its shard; the sums are all-reduced
         model, [t.name for t in targets], shard_batches(batches), fisher_type=hparams.fisher_type,
         mc_samples=hparams.mc_samples, dtype=FACTOR_DTYPES[hparams.mom2_dtype], seed=hparams.seed,
         exclude_first_tokens=hparams.exclude_first_tokens, progress=progress)
+
+
+def _chat_batches(tok, hparams, wiki_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """Batches of chat-formatted questions holding ``mom2_chat_fraction`` of all statistics tokens (none at 0)."""
+    fraction = getattr(hparams, "mom2_chat_fraction", 0.0)
+    if fraction <= 0:
+        return []
+    from .chat_corpus import chat_sequences
+
+    n_tokens = max(1, round(wiki_tokens * fraction / (1.0 - fraction)))
+    packed = chat_sequences(hparams.mom2_chat_source, tok, n_tokens, seed=hparams.seed,
+                            max_length=hparams.curvature_seq_len)
+    logger.info("chat-formatted capability questions: %d (%d tokens, %.0f%% of the statistics' tokens; %s)",
+                packed["input_ids"].shape[0], int(packed["attention_mask"].sum()), 100 * fraction,
+                hparams.mom2_chat_source)
+    size = max(hparams.curvature_batch_size, 16)
+    return [{key: value[i : i + size] for key, value in packed.items()}
+            for i in range(0, packed["input_ids"].shape[0], size)]
 
 
 def eigen_cache_path(cache_dir: str | os.PathLike, identity: Mapping[str, Any], dtype: str) -> Path:

@@ -1,0 +1,100 @@
+"""Chat-formatted questions in the capability statistics (issue 9): the offline pool is disjoint from the probes,
+the sequences are what the chat template renders, the mixture is token-weighted and part of the cache key."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from crispedit_easyedit import chat_corpus, state
+from crispedit_easyedit.bench import probes as pr
+from crispedit_easyedit.curvature import collect_kfac_factors, model_fingerprint
+from crispedit_easyedit.editing import edit_targets
+from crispedit_easyedit.hparams import CrispEditHyperParams
+from crispedit_easyedit.templates import chat_prompt_text
+from tests.test_train_formats import chat_tok
+from tests.tiny_models import tiny_llama, tiny_tokenizer
+
+
+def test_factbook_chat_pool_is_disjoint_from_every_probe_and_deterministic():
+    questions = chat_corpus.factbook_chat_questions()
+    assert len(questions) > 1000 and questions == chat_corpus.factbook_chat_questions()
+    probe_questions = {p.question for p in pr.factbook_probes(n=None)}
+    assert not probe_questions & set(questions)
+    for kind in ("capital", "language", "currency", "continent"):
+        assert not any(kind in q.lower() for q in questions), kind
+    assert "What is the population of France?" in questions
+
+
+def test_chat_sequences_render_the_template_and_reach_the_token_budget():
+    tok = chat_tok()
+    packed = chat_corpus.chat_sequences(chat_corpus.FACTBOOK_CHAT, tok, n_tokens=300, seed=1)
+    ids, mask = packed["input_ids"], packed["attention_mask"]
+    lengths = mask.sum(1)
+    assert int(lengths.sum()) >= 300 and int(lengths[:-1].sum()) < 300  # stops at the first row past the budget
+    assert bool((mask[:, 0] == 1).all()) and bool((mask.diff(dim=1) <= 0).all())  # right padding
+    first = tok.decode(ids[0, : int(lengths[0]) - 1])
+    assert first.startswith("<|user|>") and first.endswith("<|assistant|>")
+    assert first == chat_prompt_text(tok, first[len("<|user|>"): first.index("<|endoftext|>")])
+    assert int(ids[0, int(lengths[0]) - 1]) == tok.pad_token_id  # the placeholder after the generation prompt
+    assert not torch.equal(ids, chat_corpus.chat_sequences(chat_corpus.FACTBOOK_CHAT, tok, 300, seed=2)["input_ids"])
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        chat_corpus.chat_sequences(chat_corpus.FACTBOOK_CHAT, tiny_tokenizer(), 100)
+
+
+def test_question_files_and_unknown_sources(tmp_path):
+    txt = tmp_path / "q.txt"
+    txt.write_text("How are you?\n\nWhat is a cat?\n")
+    assert chat_corpus.chat_questions(str(txt)) == ["How are you?", "What is a cat?"]
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text('{"question": "Why?"}\n{"text": "How?"}\n')
+    assert chat_corpus.chat_questions(str(jsonl)) == ["Why?", "How?"]
+    moved = tmp_path / "moved.txt"
+    moved.write_bytes(txt.read_bytes())
+    assert chat_corpus.chat_corpus_key(str(txt)) == chat_corpus.chat_corpus_key(str(moved))  # content, not path
+    with pytest.raises(ValueError, match="unknown chat corpus 'reddit'; valid: 'factbook-chat'"):
+        chat_corpus.chat_questions("reddit")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(mom2_chat_fraction=1.0), "mom2_chat_fraction must be in \\[0, 1\\)"),
+    (dict(mom2_chat_fraction=-0.1), "mom2_chat_fraction must be a number >= 0"),
+    (dict(mom2_chat_fraction=0.2, fisher_type="empirical"), "needs fisher_type 'mc'"),
+    (dict(mom2_chat_source=""), "mom2_chat_source must be"),
+])
+def test_bad_chat_mixture_settings_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        CrispEditHyperParams(model_name="m", layers=[1], **overrides)
+
+
+def _hparams(tmp_path, fraction):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i}: the river flows through the old city and the hills. " * 6
+                                  for i in range(40)))
+    return SimpleNamespace(layers=[1, 2], rewrite_module_tmp="model.layers.{}.mlp.down_proj.weight",
+                           mom2_dataset=str(corpus), mom2_n_samples=6, curvature_seq_len=32, curvature_batch_size=3,
+                           fisher_type="mc", mc_samples=1, mom2_dtype="float64", exclude_first_tokens=0, seed=0,
+                           mom2_chat_fraction=fraction, mom2_chat_source=chat_corpus.FACTBOOK_CHAT)
+
+
+def test_mixture_is_token_weighted_and_keyed(tmp_path):
+    tok, model = chat_tok(), tiny_llama()
+    targets = edit_targets(model, _hparams(tmp_path, 0.0))
+    names = [t.name for t in targets]
+    wiki = state._collect_capability(model, tok, _hparams(tmp_path, 0.0), targets, progress=False)
+    mixed = state._collect_capability(model, tok, _hparams(tmp_path, 0.25), targets, progress=False)
+    # the chat part alone, as the mixture draws it
+    n_chat_target = round(6 * 32 * 0.25 / 0.75)  # of the windows' tokens (6 sequences x 32)
+    chat = chat_corpus.chat_sequences(chat_corpus.FACTBOOK_CHAT, tok, n_chat_target, seed=0, max_length=32)
+    chat_only = collect_kfac_factors(model, names, [chat], dtype=torch.float64, progress=False)
+    n_w, n_c = wiki.metadata["num_tokens"], chat_only.metadata["num_tokens"]
+    assert mixed.metadata["num_tokens"] == n_w + n_c
+    assert 0.15 < n_c / (n_w + n_c) < 0.35  # about the asked share (whole questions)
+    for name in names:  # A depends only on the inputs, so the token-weighted mean is exact
+        expected = (n_w * wiki[name].A + n_c * chat_only[name].A) / (n_w + n_c)
+        torch.testing.assert_close(mixed[name].A, expected, rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(mixed[name].A, wiki[name].A, rtol=1e-3, atol=1e-6)
+    fp = model_fingerprint(model, names)
+    keys = {f: state.capability_identity(fp, tok, _hparams(tmp_path, f), targets)["corpus"] for f in (0.0, 0.25, 0.5)}
+    assert "chat=" not in keys[0.0] and len(set(keys.values())) == 3
+    assert "chat_fraction=0.25" in keys[0.25]
