@@ -171,6 +171,24 @@ def test_every_sweep_preset_is_a_multirun_whose_settings_the_harness_accepts(swe
         assert str(cfg.hydra.sweep.dir).startswith("outputs/bench/") and cfg.hydra.job.chdir is False
 
 
+def test_the_tuning_preset_gives_every_method_the_same_records_and_evaluation():
+    """sweep=tune: the tuning records (zsre_train.json 0-29, never reported) and the fast evaluation, whatever the
+    method; the knob values come from the command line."""
+    from hydra import compose, initialize_config_dir
+
+    from crispedit_easyedit.bench import harness
+
+    conf = Path(harness.__file__).parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        for method in ("crispedit", "ft", "easyedit-memit"):
+            cfg = compose(config_name="config", overrides=["sweep=tune", f"method={method}"],
+                          return_hydra_config=True)
+            assert cfg.hydra.mode.name == "MULTIRUN" and cfg.method.name == method
+            assert (cfg.dataset.name, cfg.dataset.start, cfg.dataset.count) == ("zsre", 0, 30)
+            assert cfg.dataset.path.endswith("/zsre_train.json")
+            assert cfg.evaluation.n_probes == 40 and not cfg.evaluation.easyedit_metrics
+
+
 def test_every_method_file_names_a_registered_method_or_an_easyedit_adapter():
     import yaml
 

@@ -50,8 +50,9 @@ def test_a_hydra_multirun_of_2x2_settings_writes_4_rows_and_the_report_builds_fr
     text = (out / "report.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("| crispedit |")]
     assert len(table) == 4
-    assert sorted(p.name for p in out.glob("*.png")) == ["gamma-sweep.png", "n-sweep.png", "pareto-zsre-n2.png",
-                                                         "pareto-zsre-n3.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "gamma-sweep.png", "n-sweep.png", "pareto-wild-zsre-n2.png", "pareto-wild-zsre-n3.png", "pareto-zsre-n2.png",
+        "pareto-zsre-n3.png"]
     assert all(p.read_bytes()[:8] == PNG for p in out.glob("*.png"))
     assert "Not on the front:" in text and "retention" not in text.lower()
 
@@ -109,7 +110,8 @@ def test_the_table_shows_teacher_forced_and_wild_side_by_side_and_dashes_for_wha
 def test_plots_are_made_only_for_the_sweeps_in_the_file(tmp_path):
     plain = [fake_row("crispedit"), fake_row("ft", kl=0.2)]
     report.build_report(plain, tmp_path / "plain")
-    assert sorted(p.name for p in (tmp_path / "plain").glob("*.png")) == ["pareto-zsre-n10.png"]
+    assert sorted(p.name for p in (tmp_path / "plain").glob("*.png")) == ["pareto-wild-zsre-n10.png",
+                                                                          "pareto-zsre-n10.png"]
     text = (tmp_path / "plain" / "report.md").read_text()
     assert "On the front: crispedit." in text and "Not on the front: ft." in text
     gamma = [fake_row("crispedit", f"energy_threshold={g}", gamma=g, overrides={"energy_threshold": g},
@@ -119,10 +121,23 @@ def test_plots_are_made_only_for_the_sweeps_in_the_file(tmp_path):
     n_sweep = [fake_row("ft", n=n) for n in (10, 30)]
     report.build_report(gamma + [seq] + n_sweep, tmp_path / "all")
     assert sorted(p.name for p in (tmp_path / "all").glob("*.png")) == [
-        "gamma-sweep.png", "n-sweep.png", "pareto-zsre-n10.png", "pareto-zsre-n30.png", "retention.png"]
+        "gamma-sweep.png", "n-sweep.png", "pareto-wild-zsre-n10.png", "pareto-wild-zsre-n30.png", "pareto-zsre-n10.png",
+        "pareto-zsre-n30.png", "retention.png"]
     series = report.gamma_series([report.summarize(r) for r in gamma])
     assert list(series) == ["crispedit (default) zsre n=10"]
     assert [r.gamma for r in series["crispedit (default) zsre n=10"]] == [0.5, 0.8, 0.95]
+
+
+def test_the_tuning_choice_is_the_best_score_within_the_perplexity_bound():
+    ft = [fake_row("ft", f"lr={lr}", reliability=r, generalization=g, ppl=(10.0, p))
+          for lr, r, g, p in ((1e-4, 0.6, 0.5, 10.05), (5e-4, 0.9, 0.8, 10.15), (1e-3, 1.0, 1.0, 10.5))]
+    runs = [report.summarize(r) for r in ft + [fake_row("crispedit")]]  # one setting: no choice to make
+    # lr=1e-3 scores highest but raises perplexity 5 % > 2 %; lr=5e-4 (+1.5 %) beats lr=1e-4 (+0.5 %)
+    assert report.tuning_choices(runs) == [("zsre n=10", "ft", "lr=0.0005: score 0.800, perplexity +1.50% "
+                                                                "(of 3 settings)")]
+    assert report.summarize(ft[1]).wild_success == pytest.approx(0.75)  # WILD qa: (0.8 + 0.7) / 2
+    worst = [report.summarize(fake_row("lora", f"lr={lr}", ppl=(10.0, p))) for lr, p in ((1, 11.0), (2, 10.5))]
+    assert report.tuning_choices(worst)[0][2].startswith("lr=2: no setting kept perplexity within +2.0%")
 
 
 def test_the_report_command_says_what_is_wrong_with_its_input(tmp_path, capsys):

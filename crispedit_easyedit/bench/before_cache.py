@@ -105,6 +105,7 @@ def evaluation_identity(model, tok, probes, cfg, hparams) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "package_version": __version__,
+        "libraries": _library_versions(),  # generation and EasyEdit's evaluator differ across versions
         "model_weights_sha256": fingerprint["weights_sha256"],
         "device_type": next(model.parameters()).device.type,
         "tokenizer_sha256": tokenizer_fingerprint(tok),
@@ -113,6 +114,25 @@ def evaluation_identity(model, tok, probes, cfg, hparams) -> dict[str, Any]:
         "heldout_sha256": _tensor_digest(probes.heldout),
         "settings": settings,
     }
+
+
+def _library_versions() -> dict[str, str | None]:
+    """Versions of the libraries the measurement runs through (None for one that is not installed)."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "easyeditor"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    try:  # a GitHub-main checkout on the path is not an installed distribution: name its generation
+        from ..easyedit.registry import generation
+
+        versions["easyeditor_generation"] = generation()
+    except Exception:  # noqa: BLE001 - no EasyEdit at all
+        versions["easyeditor_generation"] = None
+    return versions
 
 
 def cache_key(identity: Mapping[str, Any]) -> str:

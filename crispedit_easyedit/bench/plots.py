@@ -89,7 +89,8 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_pareto(points, path: str | Path, title: str = "", drift_label: str = "held-out KL") -> Path:
+def plot_pareto(points, path: str | Path, title: str = "", drift_label: str = "held-out KL",
+                success_label: str = "edit success: mean TF reliability and generalisation") -> Path:
     """Edit success (y) against capability drift (x), one labelled point per method/setting; points on the Pareto
     front (``report.ParetoPoint.on_front``) are filled and joined, the others hollow."""
     plt = _pyplot()
@@ -104,13 +105,14 @@ def plot_pareto(points, path: str | Path, title: str = "", drift_label: str = "h
                 label="Pareto front")
         ax.legend(fontsize=8, loc="lower right")
     ax.set_xlabel(f"capability drift: {drift_label} (lower is better)")
-    ax.set_ylabel("edit success: mean TF reliability and generalisation")
+    ax.set_ylabel(success_label)
     ax.set_title(title or "Edit success vs capability drift")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
 _SWEEP_PANELS = (("reliability (TF)", lambda r: r.reliability.get("tf")),
+                 ("reliability (WILD qa)", lambda r: r.reliability.get("qa")),
                  ("generalisation (TF)", lambda r: r.generalization.get("tf")),
                  ("locality tokens unchanged (TF)", lambda r: r.locality.get("tf")),
                  ("perplexity change %", lambda r: r.perplexity_change_pct),

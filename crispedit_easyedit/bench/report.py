@@ -62,6 +62,18 @@ class RunSummary:
         return sum(values) / len(values) if values else None
 
     @property
+    def wild_success(self) -> float | None:
+        """The paper's metric: mean of WILD qa-template reliability and generalisation ("contains")."""
+        values = [v for v in (self.reliability.get("qa"), self.generalization.get("qa")) if v is not None]
+        return sum(values) / len(values) if values else None
+
+    @property
+    def tuning_score(self) -> float | None:
+        """What the tuning protocol maximises: the mean of edit success (TF) and WILD qa success."""
+        values = [v for v in (self.edit_success, self.wild_success) if v is not None]
+        return sum(values) / len(values) if values else None
+
+    @property
     def drift(self) -> float | None:
         """Capability drift: the held-out KL, else the perplexity change (%)."""
         return self.kl if self.kl is not None else self.perplexity_change_pct
@@ -147,20 +159,62 @@ class ParetoPoint:
     on_front: bool = False
 
 
-def pareto_points(runs: Sequence[RunSummary]) -> list[ParetoPoint]:
+def pareto_points(runs: Sequence[RunSummary], success: str = "edit_success") -> list[ParetoPoint]:
     """One point per method/setting (seeds averaged); ``on_front``: no other point has success >= and drift <=
-    with one of them strictly better. Runs without edit success or drift are left out."""
+    with one of them strictly better. Runs without the success measure or drift are left out.
+
+    Args:
+        success: the RunSummary property on the y axis: "edit_success" (teacher-forced) or "wild_success" (WILD qa).
+    """
     groups: dict[str, list[RunSummary]] = defaultdict(list)
     for r in runs:
-        if r.edit_success is not None and r.drift is not None:
+        if getattr(r, success) is not None and r.drift is not None:
             groups[r.label].append(r)
-    points = [ParetoPoint(label, sum(r.edit_success for r in rs) / len(rs), sum(r.drift for r in rs) / len(rs))
+    points = [ParetoPoint(label, sum(getattr(r, success) for r in rs) / len(rs), sum(r.drift for r in rs) / len(rs))
               for label, rs in groups.items()]
     for p in points:
         p.on_front = not any(q.success >= p.success and q.drift <= p.drift and (q.success > p.success or
                                                                                  q.drift < p.drift)
                              for q in points if q is not p)
     return points
+
+
+MAX_TUNING_PERPLEXITY_CHANGE_PCT = 2.0
+"""The tuning protocol's capability bound: a setting whose held-out perplexity rises more is not chosen."""
+
+
+def tuning_choices(runs: Sequence[RunSummary],
+                   max_perplexity_change_pct: float = MAX_TUNING_PERPLEXITY_CHANGE_PCT) -> list[tuple[str, str, str]]:
+    """The tuning protocol's choice per (method, dataset, n) with two or more settings: the setting with the highest
+    ``tuning_score`` among those whose perplexity change is at most ``max_perplexity_change_pct`` (seeds averaged);
+    when none is, the one with the smallest perplexity change.
+
+    Returns:
+        ``(task, method, "setting: why")`` rows, sorted.
+    """
+    groups: dict[tuple[str, str, int], dict[str, list[RunSummary]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        groups[(r.method, r.dataset, r.n_edits)][r.setting].append(r)
+    out = []
+    for (method, dataset, n), settings in sorted(groups.items()):
+        if len(settings) < 2:
+            continue
+
+        def mean(rs: list[RunSummary], attr: str) -> float | None:
+            values = [getattr(r, attr) for r in rs if getattr(r, attr) is not None]
+            return sum(values) / len(values) if values else None
+
+        scored = [(s, mean(rs, "tuning_score"), mean(rs, "perplexity_change_pct")) for s, rs in settings.items()]
+        allowed = [x for x in scored if x[1] is not None and (x[2] is None or x[2] <= max_perplexity_change_pct)]
+        if allowed:
+            setting, score, ppl = max(allowed, key=lambda x: x[1])
+            why = f"score {score:.3f}, perplexity {_fmt(ppl, 2, True)}% (of {len(scored)} settings)"
+        else:
+            setting, score, ppl = min(scored, key=lambda x: float("inf") if x[2] is None else x[2])
+            why = (f"no setting kept perplexity within +{max_perplexity_change_pct}%: the smallest change "
+                   f"{_fmt(ppl, 2, True)}%")
+        out.append((f"{dataset} n={n}", method, f"{setting}: {why}"))
+    return out
 
 
 def _sweep_series(runs: Sequence[RunSummary], x: str, group_key) -> dict[str, list[RunSummary]]:
@@ -210,21 +264,33 @@ def build_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> Path
     for r in runs:
         by_task[(r.dataset, r.n_edits)].append(r)
     lines += ["## Pareto fronts (edit success vs capability drift)", "",
-              "Edit success: mean of TF reliability and generalisation. Drift: held-out KL (perplexity change % "
-              "where no KL). One point per method/setting, seeds averaged.", ""]
+              "Edit success: mean of reliability and generalisation, teacher-forced (TF) and, in the second chart, "
+              "WILD qa 'contains' (the paper's metric). Drift: held-out KL (perplexity change % where no KL). One "
+              "point per method/setting, seeds averaged.", ""]
     for (dataset, n), task_runs in sorted(by_task.items()):
-        points = pareto_points(task_runs)
-        if not points:
-            continue
-        name = f"pareto-{dataset}-n{n}.png"
-        plots.plot_pareto(points, out / name, title=f"{dataset}, {n} edits: edit success vs capability drift",
-                          drift_label="held-out KL" if all(r.kl is not None for r in task_runs)
-                          else "capability drift (KL or perplexity change %)")
-        front = sorted(p.label for p in points if p.on_front)
-        off = sorted(p.label for p in points if not p.on_front)
-        lines += [f"### {dataset}, {n} edits", "", f"![Pareto front]({name})", "",
-                  f"On the front: {', '.join(front)}.", "",
-                  f"Not on the front: {', '.join(off) if off else 'none'}.", ""]
+        drift_label = ("held-out KL" if all(r.kl is not None for r in task_runs)
+                       else "capability drift (KL or perplexity change %)")
+        for success, kind, prefix in (("edit_success", "teacher-forced", "pareto"),
+                                      ("wild_success", "WILD qa (the paper's metric)", "pareto-wild")):
+            points = pareto_points(task_runs, success)
+            if not points:
+                continue
+            name = f"{prefix}-{dataset}-n{n}.png"
+            plots.plot_pareto(points, out / name, title=f"{dataset}, {n} edits: {kind} success vs capability drift",
+                              drift_label=drift_label, success_label=f"edit success ({kind})")
+            front = sorted(p.label for p in points if p.on_front)
+            off = sorted(p.label for p in points if not p.on_front)
+            lines += [f"### {dataset}, {n} edits, {kind}", "", f"![Pareto front]({name})", "",
+                      f"On the front: {', '.join(front)}.", "",
+                      f"Not on the front: {', '.join(off) if off else 'none'}.", ""]
+    choices = tuning_choices(runs)
+    if choices:
+        lines += ["## Tuning choices", "",
+                  f"Per method and task with two or more settings: the highest tuning score (mean of TF edit success "
+                  f"and WILD qa success) among settings whose perplexity rises at most "
+                  f"{MAX_TUNING_PERPLEXITY_CHANGE_PCT}%.", "", "| task | method | chosen setting |", "|---|---|---|"]
+        lines += [f"| {task} | {method} | {choice} |" for task, method, choice in choices]
+        lines.append("")
     gammas = gamma_series(runs)
     if gammas:
         plots.plot_sweep(gammas, "gamma", "energy threshold gamma", out / "gamma-sweep.png",
