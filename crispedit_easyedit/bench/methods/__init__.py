@@ -13,8 +13,9 @@ from .base import METHODS, EditMethod, MethodOutcome, get_method, register_metho
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODULES: tuple[str, ...] = ()
-"""Method modules imported by ``load_all`` (filled in as methods are added)."""
+BUILTIN_MODULES: tuple[str, ...] = ("easyedit_main",)
+"""Method modules imported by ``load_all`` (filled in as methods are added). ``easyedit_main`` imports without
+EasyEdit; its methods raise at call time when no EasyEdit checkout is configured."""
 
 
 def load_all() -> None:
