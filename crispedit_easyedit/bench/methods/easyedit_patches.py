@@ -397,6 +397,14 @@ def lora_merge(edited: Any, model: torch.nn.Module) -> tuple[torch.nn.Module, Pa
                                         "peft_config removed")
 
 
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether gradient (activation) checkpointing is on (transformers renamed the property in 5.x)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
 @contextlib.contextmanager
 def restore_model_flags(model: torch.nn.Module, out: list[Patch]) -> Iterator[None]:
     """Patch 15: put back ``requires_grad``, ``.grad``, train/eval mode, ``use_cache``, gradient checkpointing and
@@ -406,7 +414,7 @@ def restore_model_flags(model: torch.nn.Module, out: list[Patch]) -> Iterator[No
     training = model.training
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
-    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    checkpointing = _checkpointing(model)
     had_hook = getattr(model, "_require_grads_hook", None) is not None
     try:
         yield
@@ -429,7 +437,7 @@ def restore_model_flags(model: torch.nn.Module, out: list[Patch]) -> Iterator[No
         if config is not None and getattr(config, "use_cache", None) != use_cache:
             config.use_cache = use_cache
             changed.append("config.use_cache")
-        if bool(getattr(model, "is_gradient_checkpointing", False)) != checkpointing and not checkpointing:
+        if _checkpointing(model) and not checkpointing:
             model.gradient_checkpointing_disable()
             changed.append("gradient checkpointing")
         if (not had_hook and getattr(model, "_require_grads_hook", None) is not None
