@@ -13,9 +13,11 @@ from .base import METHODS, EditMethod, MethodOutcome, get_method, register_metho
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODULES: tuple[str, ...] = ("crispedit", "lora")
-"""Method modules imported by ``load_all``: ``crispedit`` (crispedit, crispedit-seq, ft, ft-seq, adam-nscl) and
-``lora`` (peft LoRA on the edit layers)."""
+BUILTIN_MODULES: tuple[str, ...] = ("crispedit", "lora", "easyedit_main")
+"""Method modules imported by ``load_all``: ``crispedit`` (crispedit, crispedit-seq, ft, ft-seq, adam-nscl),
+``lora`` (peft LoRA on the edit layers) and ``easyedit_main`` (EasyEdit's own easyedit-memit, -alphaedit,
+-ultraedit, -ft, -lora; it imports without EasyEdit, and its methods raise at call time when no EasyEdit GitHub-main
+checkout is configured)."""
 
 UNAVAILABLE: dict[str, str] = {}
 """Built-in method modules that could not be imported (a missing optional dependency), with the reason."""
