@@ -451,3 +451,28 @@ def test_every_shipped_yaml_runs_through_edit_and_batch_edit(crispedit: Any, cor
         metrics, _, _ = BaseEditor.from_hparams(hparams).batch_edit(prompts=PROMPTS[:2], target_new=TARGETS[:2],
                                                                     keep_original_weight=True)
         assert [m["post"]["rewrite_acc"][0] for m in metrics] == [1.0, 1.0], path.name
+
+
+def test_text_editing_import_stubs_multimodal_modules_only_when_the_import_failed_there(monkeypatch, tmp_path):
+    """EasyEdit's evaluator in a GitHub-main checkout beside a CPU torch (no timm/torchvision): the plain import
+    fails inside a multimodal module, so it is retried with those stubbed; any other failure propagates."""
+    from crispedit_easyedit.easyedit import compat
+
+    calls = []
+
+    def prepare(neutralise_multimodal=None):
+        calls.append(neutralise_multimodal)
+        if neutralise_multimodal is None:
+            raise ModuleNotFoundError("No module named 'timm'")
+        return "github-main"
+
+    monkeypatch.setattr(compat, "prepare_easyeditor", prepare)
+    monkeypatch.setattr(compat, "easyeditor_location", lambda: tmp_path)
+    monkeypatch.setattr(compat, "_purge_easyeditor", lambda: None)
+    monkeypatch.setattr(compat, "_failed_in_multimodal", lambda err, root: True)
+    assert compat.prepare_easyeditor_for_text() == "github-main" and calls == [None, True]
+    calls.clear()
+    monkeypatch.setattr(compat, "_failed_in_multimodal", lambda err, root: False)
+    with pytest.raises(ModuleNotFoundError, match="timm"):
+        compat.prepare_easyeditor_for_text()
+    assert calls == [None]

@@ -329,6 +329,26 @@ def _import_with_stubs(root: Path, force: bool) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------------- public --
+def prepare_easyeditor_for_text() -> Generation:
+    """:func:`prepare_easyeditor`; if the plain import fails inside a multimodal module (GitHub main beside a CPU
+    torch, where timm/torchvision cannot install), import again with those modules stubbed, logged at INFO. Text
+    editing and EasyEdit's evaluator never use them.
+
+    Raises:
+        ModuleNotFoundError / ImportError: as :func:`prepare_easyeditor`, for any other failure.
+    """
+    try:
+        return prepare_easyeditor()
+    except ImportError as err:
+        root = easyeditor_location()
+        if root is None or not _failed_in_multimodal(err, root):
+            raise
+        logger.info("easyeditor failed to import inside a multimodal module (%s: %s); importing it with the "
+                    "multimodal modules stubbed", type(err).__name__, err)
+        _purge_easyeditor()
+        return prepare_easyeditor(neutralise_multimodal=True)
+
+
 def prepare_easyeditor(neutralise_multimodal: bool | None = None) -> Generation:
     """Import ``easyeditor`` so that CrispEdit can be registered and run; idempotent.
 

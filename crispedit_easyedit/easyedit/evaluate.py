@@ -131,7 +131,7 @@ def easyedit_metrics(
         KeyError: A request misses a key EasyEdit needs.
         ValueError: ``pre`` does not match the requests.
     """
-    from .compat import prepare_easyeditor
+    from .compat import prepare_easyeditor_for_text
 
     if not requests:
         raise ValueError("easyedit_metrics needs at least one request")
@@ -143,7 +143,7 @@ def easyedit_metrics(
         raise ValueError(f"pre holds {len(pre.get('per_request', []))} requests but {len(requests)} were given; "
                          "pass the result of easyedit_metrics on the unedited model with the same requests")
 
-    generation = prepare_easyeditor()
+    generation = prepare_easyeditor_for_text()
     compute_edit_quality = importlib.import_module("easyeditor.evaluate.evaluate").compute_edit_quality
     name = _model_name(hparams, model, model_name)
     if device is None:
