@@ -150,3 +150,21 @@ def test_a_failure_inside_the_job_exits_1_with_its_message(setup, monkeypatch, c
     assert "Traceback" not in err and "-v" in err
     assert cli.main(["-v", "cache", "--hparams", str(hparams), "--model", str(model_dir), "--quiet"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_portable_path_is_relative_also_through_a_symlinked_sibling(tmp_path, monkeypatch):
+    """Result files name ../shared/... relative to the working directory, also when ../shared is a symlink to a
+    folder elsewhere (as on machines that link the shared data in), and ~ for the home folder."""
+    real = tmp_path / "elsewhere" / "shared"
+    (real / "data").mkdir(parents=True)
+    (real / "data" / "zsre.json").write_text("[]")
+    repo = tmp_path / "work" / "repo"
+    repo.mkdir(parents=True)
+    (tmp_path / "work" / "shared").symlink_to(real)
+    monkeypatch.chdir(repo)
+    assert job.portable_path(tmp_path / "work" / "shared" / "data" / "zsre.json") == "../shared/data/zsre.json"
+    assert job.portable_path(repo / "out" / "x.json") == "out/x.json"
+    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
+    assert job.portable_path(tmp_path / "elsewhere" / "shared" / "data" / "zsre.json") == "~/shared/data/zsre.json"
+    outside = "/definitely/not/here.json"
+    assert job.portable_path(outside) == outside

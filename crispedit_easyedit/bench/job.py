@@ -178,12 +178,17 @@ def portable_path(path: str | Path) -> str:
     inside it or next to it (``../shared/...``), else with the home folder written as ``~``."""
     import os
 
-    absolute = Path(path).expanduser().resolve()
-    relative = os.path.relpath(absolute, Path.cwd())
-    if not relative.startswith(os.pardir + os.sep + os.pardir):
-        return relative
-    home = Path.home().resolve()
-    return f"~/{absolute.relative_to(home).as_posix()}" if absolute.is_relative_to(home) else str(path)
+    given = Path(path).expanduser()
+    candidates = (given.absolute(), given.resolve())  # as written, and with symlinks resolved (../shared may be one)
+    for absolute in candidates:
+        relative = os.path.relpath(absolute, Path.cwd())
+        if not relative.startswith(os.pardir + os.sep + os.pardir):
+            return relative
+    for home in (Path.home(), Path.home().resolve()):
+        for absolute in candidates:
+            if absolute.is_relative_to(home):
+                return f"~/{absolute.relative_to(home).as_posix()}"
+    return str(path)
 
 
 def model_name(cfg: JobConfig, hparams) -> str:
