@@ -84,8 +84,8 @@ def _file_questions(path: Path) -> list[str]:
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix.lower() == ".jsonl":
         rows = [json.loads(line) for line in lines if line.strip()]
-        return [str(r.get("question") or r.get("text") or "").strip() for r in rows if (r.get("question") or
-                                                                                        r.get("text"))]
+        questions = [str(row.get("question") or row.get("text") or "").strip() for row in rows]
+        return [q for q in questions if q]
     return [line.strip() for line in lines if line.strip()]
 
 

@@ -32,9 +32,11 @@ NAMED_FORMATS: tuple[str, ...] = ("raw", "qa", "chat")
 
 def check_format(fmt: Any) -> None:
     """Raise a ValueError naming ``fmt`` and the valid choices unless it is a named format or a format string."""
-    if isinstance(fmt, str) and (fmt in NAMED_FORMATS or fmt.count("{prompt}") == 1):
+    if isinstance(fmt, str) and fmt in NAMED_FORMATS:
+        return
+    if isinstance(fmt, str) and fmt.count("{prompt}") == 1:
         try:
-            fmt.format(prompt="x") if fmt not in NAMED_FORMATS else None
+            fmt.format(prompt="x")
         except (IndexError, KeyError, ValueError) as exc:
             raise ValueError(f"train format {fmt!r} is not a valid format string ({exc}); use {{prompt}} once and "
                              f"double other braces") from exc

@@ -153,3 +153,9 @@ def test_prompt_text_of_each_format():
     assert prompt_text(tok, "Q? ", "qa") == QA_TEMPLATE.format(question="Q?")
     assert prompt_text(tok, "Q? ", "chat") == "<|user|>Q?" + END + "\n<|assistant|>"
     assert prompt_text(tok, "Q? ", "Question: {prompt}\nAnswer:") == "Question: Q?\nAnswer:"
+
+
+def test_a_format_string_with_other_fields_is_named():
+    with pytest.raises(ValueError, match="is not a valid format string"):
+        check_format("{prompt} and {answer}")
+    check_format("Q: {prompt} {{literal}}")  # doubled braces are text
