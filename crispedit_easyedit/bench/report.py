@@ -179,6 +179,12 @@ def pareto_points(runs: Sequence[RunSummary], success: str = "edit_success") -> 
     return points
 
 
+def _mean_of(runs: Sequence[RunSummary], attr: str) -> float | None:
+    """Mean of ``attr`` over the runs that measured it (seeds averaged); None when none did."""
+    values = [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
+    return sum(values) / len(values) if values else None
+
+
 MAX_TUNING_PERPLEXITY_CHANGE_PCT = 2.0
 """The tuning protocol's capability bound: a setting whose held-out perplexity rises more is not chosen."""
 
@@ -199,12 +205,8 @@ def tuning_choices(runs: Sequence[RunSummary],
     for (method, dataset, n), settings in sorted(groups.items()):
         if len(settings) < 2:
             continue
-
-        def mean(rs: list[RunSummary], attr: str) -> float | None:
-            values = [getattr(r, attr) for r in rs if getattr(r, attr) is not None]
-            return sum(values) / len(values) if values else None
-
-        scored = [(s, mean(rs, "tuning_score"), mean(rs, "perplexity_change_pct")) for s, rs in settings.items()]
+        scored = [(s, _mean_of(rs, "tuning_score"), _mean_of(rs, "perplexity_change_pct"))
+                  for s, rs in settings.items()]
         allowed = [x for x in scored if x[1] is not None and (x[2] is None or x[2] <= max_perplexity_change_pct)]
         if allowed:
             setting, score, ppl = max(allowed, key=lambda x: x[1])
