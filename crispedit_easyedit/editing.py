@@ -228,7 +228,26 @@ def build_projectors(eigenbases: Mapping[str, Eigenbasis], targets: Sequence[Edi
     return {t.name: KroneckerProjector.from_eigenbasis(eigenbases[t.name], gamma) for t in targets}
 
 
-def _projection_fn(target: EditTarget, projector: KroneckerProjector) -> Callable[[torch.Tensor], torch.Tensor]:
+class _TransposedBasis:
+    """A projector's eigenbasis seen from a weight stored as (d_in, d_out) (GPT-2 Conv1D), for mode "eigenbasis"."""
+
+    def __init__(self, projector: KroneckerProjector):
+        self.projector = projector
+        self.mask = projector.mask
+
+    def rotate(self, Q: torch.Tensor) -> torch.Tensor:
+        """(d_in, d_out) storage-shaped tensor -> (d_out, d_in) eigen-coordinates."""
+        return self.projector.rotate(Q.T)
+
+    def unrotate(self, C: torch.Tensor) -> torch.Tensor:
+        """(d_out, d_in) eigen-coordinates -> (d_in, d_out) storage-shaped tensor."""
+        return self.projector.unrotate(C).T
+
+
+def _projection_fn(target: EditTarget, projector: KroneckerProjector, mode: str):
+    """What ProjectedAdam gets for one weight: the projection callable, or the eigenbasis in mode "eigenbasis"."""
+    if mode == "eigenbasis":
+        return _TransposedBasis(projector) if target.transposed else projector
     if target.transposed:
         return lambda tensor: projector.project(tensor.T).T
     return projector.project
@@ -311,8 +330,8 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     device = input_device(model)  # the embedding's device (not an edited layer's, under device_map)
     examples = edit_examples(tok, requests, hparams)
     pad = pad_token_id(tok)
-    projections = [None if projectors is None else _projection_fn(t, projectors[t.name]) for t in targets]
     mode = "none" if projectors is None else hparams.projection_mode
+    projections = [None if projectors is None else _projection_fn(t, projectors[t.name], mode) for t in targets]
     optimizer = ProjectedAdam([t.param for t in targets], projections, mode=mode, lr=hparams.lr,
                               weight_decay=hparams.weight_decay)
     generator = torch.Generator().manual_seed(hparams.seed)

@@ -138,7 +138,9 @@ class CrispEditHyperParams:
                                 "'empirical': the corpus' next tokens.")
     mc_samples: int = _f(1, "Monte Carlo label samples per token when fisher_type is 'mc'.")
     projection_mode: str = _f("both", "What is projected: 'gradient' (before Adam), 'update' (Adam's step), "
-                                      "'both', or 'none' (plain fine-tuning, for ablations).")
+                                      "'both', 'eigenbasis' (Adam's moments on the masked gradient in the "
+                                      "Kronecker eigenbasis: no leak, half the cost of 'both'), or 'none' (plain "
+                                      "fine-tuning, for ablations).")
     curvature_factors: str = _f("kfac", "Which curvature builds the projector: 'kfac' (A (x) S, CrispEdit) or "
                                         "'activation' (A (x) I: the activation covariance alone, Adam-NSCL's "
                                         "input-side nullspace; removes the top-energy eigendirections of A).")
