@@ -502,8 +502,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     started = time.perf_counter()
+    from crispedit_easyedit.bench.job import portable_path
+
+    config = dict(vars(args), zsre=portable_path(args.zsre), output=portable_path(args.output) if args.output else "")
     result: dict[str, Any] = {"date": _dt.datetime.now().isoformat(timespec="seconds"),
-                              "config": vars(args), "environment": environment(device)}
+                              "config": config, "environment": environment(device)}
     names = [DOWN_PROJ.format(int(i)) for i in args.layers.split(",")]
     if not args.skip_collection:
         from crispedit_easyedit.bench.models import load_model_and_tokenizer
