@@ -85,10 +85,7 @@ def tokenize_edit(tok, prompt: str, target: str, max_length: int) -> tuple[list[
         raise ValueError(f"the prompt must be a non-empty string, got {prompt!r}")
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"empty target_new: it must be a non-empty string, got {target!r} (prompt {prompt!r})")
-    prompt_ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
-    eos, bos = tok.eos_token_id, tok.bos_token_id
-    if prompt_ids and eos is not None and prompt_ids[-1] == eos and eos != bos:
-        prompt_ids = prompt_ids[:-1]
+    prompt_ids = formatted_prompt_ids(tok, prompt, "raw")
     target_text = (" " + target) if _needs_space(prompt, target) else target
     target_ids = list(tok(target_text, add_special_tokens=False)["input_ids"])
     if len(target_ids) > 1 and tok.convert_ids_to_tokens(target_ids[0]) == "\u2581":  # SentencePiece lone "▁"
