@@ -3,8 +3,9 @@
 FISHER_TYPES: tuple[str, ...] = ("mc", "empirical")
 """'mc': labels sampled from the model (the GNH, the paper's choice); 'empirical': the true next tokens."""
 
-PROJECTION_MODES: tuple[str, ...] = ("gradient", "update", "both", "none")
-"""What is projected: the gradient, Adam's update, both, or nothing (plain fine-tuning)."""
+PROJECTION_MODES: tuple[str, ...] = ("gradient", "update", "both", "eigenbasis", "none")
+"""What is projected: the gradient, Adam's update, both, Adam run on the masked gradient in the Kronecker eigenbasis
+(one rotation and one unrotation per step), or nothing (plain fine-tuning)."""
 
 CURVATURE_AT: tuple[str, ...] = ("base", "current")
 """Where the capability curvature is taken: the unedited weights theta_0, or the weights as they are now."""

@@ -47,7 +47,9 @@ from .choices import FISHER_TYPES
 logger = logging.getLogger(__name__)
 
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-CACHE_FORMAT_VERSION = 2  # 2: keys hold no machine path (tokenizer content hash, corpus key, weights hash)
+# 2: keys hold no machine path (tokenizer content hash, corpus key, weights hash)
+# 3: "mc" labels drawn by inverse-CDF sampling (sample_labels), so a seed gives other labels than version 2's
+CACHE_FORMAT_VERSION = 3
 _META_KEY = "crispedit_easyedit"
 
 
@@ -560,6 +562,44 @@ class _FactorAccumulator:
             handle.remove()
 
 
+def sample_labels(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One label per row of a categorical distribution, by inverse-CDF sampling.
+
+    Draws u ~ U[0, total) per row and returns the first index whose cumulative probability exceeds u, so a
+    zero-probability entry is never drawn. One uniform variate per row (``torch.multinomial`` draws one per
+    vocabulary entry on CPU, about 12 % of a collection).
+
+    Args:
+        probs: (..., vocab) non-negative probabilities (rows need not sum exactly to 1).
+        generator: Random generator on ``probs``' device.
+
+    Returns:
+        (...,) long labels in [0, vocab).
+    """
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+
+
+def label_loss_grad(probs: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """Gradient of the summed token losses -log p(label) with respect to the logits, at the counted positions.
+
+    d(-log softmax(z)_y)/dz = softmax(z) - onehot(y); positions that are not counted get zero. Injecting it with
+    ``logits.backward(grad)`` needs no boolean indexing of the logits and no log-softmax graph.
+
+    Args:
+        probs: (batch, T, vocab) softmax of the logits.
+        labels: (batch, T) long labels (any value where not counted).
+        counted: (batch, T) bool positions whose loss counts.
+
+    Returns:
+        (batch, T, vocab) gradient, in ``probs``' dtype.
+    """
+    weight = counted.to(probs.dtype).unsqueeze(-1)  # (batch, T, 1)
+    grad = probs * weight
+    return grad.scatter_add_(-1, labels.unsqueeze(-1), -weight)
+
+
 def collect_kfac_factors(
     model: nn.Module,
     param_names: list[str],
@@ -638,18 +678,18 @@ def collect_kfac_factors(
             for acc in accumulators.values():  # each layer's mask on its own device, moved once per batch
                 acc.positions = counted.to(acc.A.device)
             with torch.enable_grad():
-                logits = model(**model_inputs(model, input_ids, attention_mask)).logits
+                logits = model(**model_inputs(model, input_ids, attention_mask)).logits  # (batch, T, vocab)
                 counted_out = counted.to(logits.device)
-                selected = logits[counted_out]
-                log_probs = torch.log_softmax(selected.to(torch.promote_types(selected.dtype, torch.float32)),
-                                              dim=-1)  # (n, vocab), at least fp32
+                probs = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+                if fisher_type == "empirical":
+                    labels = torch.zeros_like(counted_out, dtype=torch.long)
+                    labels[:, :-1] = input_ids[:, 1:].to(logits.device)
                 for k in range(passes):
                     if fisher_type == "mc":
-                        labels = torch.multinomial(log_probs.detach().exp(), 1, generator=generator).squeeze(1)
-                    else:
-                        labels = input_ids[:, 1:][counted[:, :-1]].to(log_probs.device)
-                    loss = -log_probs.gather(1, labels[:, None]).sum()
-                    loss.backward(retain_graph=k < passes - 1)
+                        labels = sample_labels(probs, generator)
+                    logits.backward(label_loss_grad(probs, labels, counted_out).to(logits.dtype),
+                                    retain_graph=k < passes - 1)
+                del logits, probs
             num_tokens += n
             num_sequences += int(input_ids.shape[0])
             elapsed = max(time.perf_counter() - started, 1e-9)

@@ -14,12 +14,13 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .chat_corpus import chat_questions
 from .checks import check_finite_step
 from .curvature import (
     FACTOR_DTYPES, FactorSet, check_factors, check_positions, collect_kfac_factors, input_device, model_fingerprint,
@@ -27,6 +28,7 @@ from .curvature import (
 )
 from .optim import ProjectedAdam, leak_fraction
 from .projector import Eigenbasis, KroneckerProjector, kfac_quadratic_form
+from .retain import retain_examples
 from .templates import chat_answer_suffix, prompt_text
 
 logger = logging.getLogger(__name__)
@@ -83,10 +85,7 @@ def tokenize_edit(tok, prompt: str, target: str, max_length: int) -> tuple[list[
         raise ValueError(f"the prompt must be a non-empty string, got {prompt!r}")
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"empty target_new: it must be a non-empty string, got {target!r} (prompt {prompt!r})")
-    prompt_ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
-    eos, bos = tok.eos_token_id, tok.bos_token_id
-    if prompt_ids and eos is not None and prompt_ids[-1] == eos and eos != bos:
-        prompt_ids = prompt_ids[:-1]
+    prompt_ids = formatted_prompt_ids(tok, prompt, "raw")
     target_text = (" " + target) if _needs_space(prompt, target) else target
     target_ids = list(tok(target_text, add_special_tokens=False)["input_ids"])
     if len(target_ids) > 1 and tok.convert_ids_to_tokens(target_ids[0]) == "\u2581":  # SentencePiece lone "▁"
@@ -122,9 +121,23 @@ def tokenize_edit_formatted(tok, prompt: str, target: str, fmt: str, max_length:
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"empty target_new: it must be a non-empty string, got {target!r} (prompt {prompt!r})")
     question = prompt.rstrip()
-    prompt_ids = list(tok(prompt_text(tok, prompt, "chat"), add_special_tokens=False)["input_ids"])
     target_ids = list(tok(chat_answer_suffix(tok, question, target.strip()), add_special_tokens=False)["input_ids"])
-    return _join(prompt_ids, target_ids, max_length, target)
+    return _join(formatted_prompt_ids(tok, prompt, "chat"), target_ids, max_length, target)
+
+
+def formatted_prompt_ids(tok, prompt: str, fmt: str) -> list[int]:
+    """The token ids a training format puts before the answer, as :func:`tokenize_edit_formatted` joins them.
+
+    "chat": the template's generation prompt without added special tokens (the template writes them); otherwise
+    the formatted text with the tokenizer's special tokens, a trailing EOS dropped.
+    """
+    if fmt == "chat":
+        return list(tok(prompt_text(tok, prompt, "chat"), add_special_tokens=False)["input_ids"])
+    ids = list(tok(prompt_text(tok, prompt, fmt), add_special_tokens=True)["input_ids"])
+    eos, bos = tok.eos_token_id, tok.bos_token_id
+    if ids and eos is not None and ids[-1] == eos and eos != bos:
+        ids = ids[:-1]
+    return ids
 
 
 def edit_examples(tok, requests: Sequence[Mapping[str, Any]], hparams) -> list[tuple[list[int], list[int]]]:
@@ -228,7 +241,26 @@ def build_projectors(eigenbases: Mapping[str, Eigenbasis], targets: Sequence[Edi
     return {t.name: KroneckerProjector.from_eigenbasis(eigenbases[t.name], gamma) for t in targets}
 
 
-def _projection_fn(target: EditTarget, projector: KroneckerProjector) -> Callable[[torch.Tensor], torch.Tensor]:
+class _TransposedBasis:
+    """A projector's eigenbasis seen from a weight stored as (d_in, d_out) (GPT-2 Conv1D), for mode "eigenbasis"."""
+
+    def __init__(self, projector: KroneckerProjector):
+        self.projector = projector
+        self.mask = projector.mask
+
+    def rotate(self, Q: torch.Tensor) -> torch.Tensor:
+        """(d_in, d_out) storage-shaped tensor -> (d_out, d_in) eigen-coordinates."""
+        return self.projector.rotate(Q.T)
+
+    def unrotate(self, C: torch.Tensor) -> torch.Tensor:
+        """(d_out, d_in) eigen-coordinates -> (d_in, d_out) storage-shaped tensor."""
+        return self.projector.unrotate(C).T
+
+
+def _projection_fn(target: EditTarget, projector: KroneckerProjector, mode: str):
+    """What ProjectedAdam gets for one weight: the projection callable, or the eigenbasis in mode "eigenbasis"."""
+    if mode == "eigenbasis":
+        return _TransposedBasis(projector) if target.transposed else projector
     if target.transposed:
         return lambda tensor: projector.project(tensor.T).T
     return projector.project
@@ -262,6 +294,7 @@ class EditReport:
     curvature_source: str = ""
     eigendecompositions: int = 0
     edit_statistics_collections: int = 0
+    retain_examples: int = 0
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
     chunk_leak_fractions: list[dict[str, float]] = field(default_factory=list)
     predicted_loss_increase: float = 0.0
@@ -282,7 +315,7 @@ class EditReport:
                 f"capability-loss increase {self.predicted_loss_increase:.3g} nats/token, curvature "
                 f"{self.curvature_source} ({self.seconds_curvature:.1f}s), {self.eigendecompositions} "
                 f"eigendecomposition(s), {self.edit_statistics_collections} past-edit statistics collection(s), "
-                f"editing {self.seconds_editing:.1f}s")
+                f"{self.retain_examples} retain examples, editing {self.seconds_editing:.1f}s")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (the projectors, which hold tensors, are left out)."""
@@ -293,14 +326,24 @@ def _batches(examples: Sequence[tuple[list[int], list[int]]], size: int, pad: in
     return [collate(examples[i : i + size], pad) for i in range(0, len(examples), size)]
 
 
+def _retain_batches(retain: Sequence[tuple[list[int], list[int]]], size: int, pad: int,
+                    generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless minibatches of the retain examples, reshuffled at every pass."""
+    while True:
+        order = torch.randperm(len(retain), generator=generator).tolist()
+        yield from _batches([retain[i] for i in order], size, pad)
+
+
 def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], hparams,
                        targets: Sequence[EditTarget], projectors: Mapping[str, KroneckerProjector] | None,
-                       progress: bool = True) -> tuple[int, int, list[float]]:
+                       progress: bool = True,
+                       retain: Sequence[tuple[list[int], list[int]]] = ()) -> tuple[int, int, list[float]]:
     """Fine-tune the target weights on prompt -> target_new with projected Adam (hparams.projection_mode).
 
     Up to ``hparams.num_steps`` epochs of shuffled minibatches of ``hparams.train_batch_size`` edits, with a fresh
-    optimizer; stops early once the epoch's mean loss falls below ``hparams.early_stop_loss``. The caller handles
-    requires_grad flags and restoration.
+    optimizer; stops early once the epoch's mean edit loss falls below ``hparams.early_stop_loss``. With ``retain``
+    examples (:mod:`crispedit_easyedit.retain`) every step adds ``hparams.retain_weight`` times the loss of one
+    minibatch of them. The caller handles requires_grad flags and restoration.
 
     Returns:
         (epochs run, optimizer steps, mean loss per epoch).
@@ -311,14 +354,17 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     device = input_device(model)  # the embedding's device (not an edited layer's, under device_map)
     examples = edit_examples(tok, requests, hparams)
     pad = pad_token_id(tok)
-    projections = [None if projectors is None else _projection_fn(t, projectors[t.name]) for t in targets]
     mode = "none" if projectors is None else hparams.projection_mode
+    projections = [None if projectors is None else _projection_fn(t, projectors[t.name], mode) for t in targets]
     optimizer = ProjectedAdam([t.param for t in targets], projections, mode=mode, lr=hparams.lr,
                               weight_decay=hparams.weight_decay)
     generator = torch.Generator().manual_seed(hparams.seed)
     history: list[float] = []
     steps = 0
     size = hparams.train_batch_size
+    retain_weight = float(getattr(hparams, "retain_weight", 0.0))
+    retain_stream = (_retain_batches(retain, size, pad, torch.Generator().manual_seed(hparams.seed + 1))
+                     if retain and retain_weight > 0 else None)
     bar = tqdm(range(hparams.num_steps), desc="CrispEdit epochs", unit="epoch", disable=not progress)
     for _ in bar:
         order = torch.randperm(len(examples), generator=generator).tolist()
@@ -328,7 +374,13 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
             optimizer.zero_grad()
             loss, n = edit_loss(model, batch)
             check_finite_step(loss.detach(), f"edit loss at step {steps + 1}")
-            loss.backward()
+            if retain_stream is None:
+                loss.backward()
+            else:
+                kept = {key: value.to(device) for key, value in next(retain_stream).items()}
+                retain_loss, _ = edit_loss(model, kept)
+                check_finite_step(retain_loss.detach(), f"retain loss at step {steps + 1}")
+                (loss + retain_weight * retain_loss).backward()
             optimizer.step()
             steps += 1
             total += float(loss.detach()) * n
@@ -398,6 +450,8 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
 
     targets = check_edit_inputs(model, requests, hparams, factors)
     edit_examples(tok, requests, hparams)  # a format the tokenizer cannot render fails here, before any work
+    if getattr(hparams, "retain_weight", 0.0):
+        chat_questions(hparams.retain_source)  # so does a retain source that is not there
     names = [t.name for t in targets]
     originals = {t.name: t.param.detach().clone() for t in targets}
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -434,6 +488,9 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
         chunk = hparams.chunk_size or len(requests)
         chunks = [requests[i : i + chunk] for i in range(0, len(requests), chunk)]
         projectors: dict[str, KroneckerProjector] = {}
+        # the answers to keep are the model's own at the start of the call (empty unless retain_weight > 0)
+        retain = retain_examples(model, tok, hparams, list(getattr(hparams, "train_formats", None) or ["raw"]))
+        report.retain_examples = len(retain)
         for index, part in enumerate(chunks):
             eigenbases, fresh = state.protected_eigenbases(curvature, hparams, targets)
             report.eigendecompositions += int(fresh)
@@ -443,7 +500,7 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
             for t in targets:
                 t.param.requires_grad_(True)
             epochs, steps, history = finetune_projected(
-                model, tok, part, hparams, targets, projectors if use_projection else None, progress)
+                model, tok, part, hparams, targets, projectors if use_projection else None, progress, retain)
             for t in targets:
                 t.param.requires_grad_(False)
             report.epochs += epochs

@@ -122,6 +122,14 @@ class CrispEditHyperParams:
     train_eos: bool = _f(False, "Learn the tokenizer's EOS after the target in the 'raw', 'qa' and format-string "
                                 "formats, so that generation stops after the answer ('chat' always learns its "
                                 "end-of-turn).")
+    retain_weight: float = _f(0.0, "Weight of the retain loss (crispedit_easyedit.retain): the model's own greedy "
+                                   "answers to retain_count questions from retain_source, asked in every train "
+                                   "format, are trained alongside the edits so that answers to other questions "
+                                   "stay as they were; 0 disables it.")
+    retain_source: str = _f("factbook-chat", "Question pool of the retain loss: 'factbook-chat' (offline Factbook "
+                                             "questions no probe or edit asks) or a .txt/.jsonl file.")
+    retain_count: int = _f(64, "Questions of the retain loss (each in every train format).")
+    retain_answer_tokens: int = _f(24, "At most this many tokens of each retained answer (below max_length).")
     # --- Curvature (capability statistics) -----------------------------------------------------------------------
     energy_threshold: float = _f(0.8, "gamma: fraction of the Kronecker eigenvalue energy whose directions are "
                                       "removed from the update, in (0, 1].")
@@ -138,7 +146,9 @@ class CrispEditHyperParams:
                                 "'empirical': the corpus' next tokens.")
     mc_samples: int = _f(1, "Monte Carlo label samples per token when fisher_type is 'mc'.")
     projection_mode: str = _f("both", "What is projected: 'gradient' (before Adam), 'update' (Adam's step), "
-                                      "'both', or 'none' (plain fine-tuning, for ablations).")
+                                      "'both', 'eigenbasis' (Adam's moments on the masked gradient in the "
+                                      "Kronecker eigenbasis: no leak, half the cost of 'both'), or 'none' (plain "
+                                      "fine-tuning, for ablations).")
     curvature_factors: str = _f("kfac", "Which curvature builds the projector: 'kfac' (A (x) S, CrispEdit) or "
                                         "'activation' (A (x) I: the activation covariance alone, Adam-NSCL's "
                                         "input-side nullspace; removes the top-energy eigendirections of A).")
@@ -174,11 +184,12 @@ class CrispEditHyperParams:
     _INT_FIELDS: ClassVar[frozenset[str]] = frozenset({
         "num_steps", "batch_size", "train_batch_size", "max_length", "mom2_n_samples", "mc_samples",
         "curvature_seq_len",
-        "curvature_batch_size", "exclude_first_tokens", "seed", "chunk_size",
+        "curvature_batch_size", "exclude_first_tokens", "seed", "chunk_size", "retain_count",
+        "retain_answer_tokens",
     })
     _FLOAT_FIELDS: ClassVar[frozenset[str]] = frozenset({"lr", "weight_decay", "energy_threshold",
                                                          "early_stop_loss", "edit_stats_weight",
-                                                         "mom2_chat_fraction"})
+                                                         "mom2_chat_fraction", "retain_weight"})
     _BOOL_FIELDS: ClassVar[frozenset[str]] = frozenset({"model_parallel", "edit_kfac_on_full_sequence", "fp16",
                                                         "use_chat_template", "train_eos"})
 
@@ -209,8 +220,12 @@ class CrispEditHyperParams:
         for name, minimum in (("num_steps", 1), ("batch_size", 1), ("train_batch_size", 1), ("max_length", 2),
                               ("mom2_n_samples", 1),
                               ("mc_samples", 1), ("curvature_seq_len", 2), ("curvature_batch_size", 1),
-                              ("exclude_first_tokens", 0), ("seed", None)):
+                              ("exclude_first_tokens", 0), ("seed", None), ("retain_count", 1),
+                              ("retain_answer_tokens", 1)):
             setattr(self, name, _as_int(name, getattr(self, name), minimum))
+        if self.retain_answer_tokens >= self.max_length:
+            raise ValueError(f"retain_answer_tokens must be smaller than max_length ({self.max_length}) so that the "
+                             f"question fits, got {self.retain_answer_tokens}")
         if self.chunk_size is not None:
             self.chunk_size = _as_int("chunk_size", self.chunk_size, 1, allowed="None or an integer >= 1")
         if self.exclude_first_tokens >= self.curvature_seq_len:
@@ -225,6 +240,7 @@ class CrispEditHyperParams:
         self.energy_threshold = _as_float("energy_threshold", self.energy_threshold, low=0.0, low_inclusive=False,
                                           high=1.0)
         self.mom2_chat_fraction = _as_float("mom2_chat_fraction", self.mom2_chat_fraction, low=0.0)
+        self.retain_weight = _as_float("retain_weight", self.retain_weight, low=0.0)
         if self.mom2_chat_fraction >= 1.0:
             raise ValueError(f"mom2_chat_fraction must be in [0, 1) (a share of the statistics' tokens; Wikipedia "
                              f"keeps the rest), got {self.mom2_chat_fraction!r}")
@@ -241,6 +257,9 @@ class CrispEditHyperParams:
         if not isinstance(self.mom2_chat_source, str) or not self.mom2_chat_source.strip():
             raise ValueError(f"mom2_chat_source must be 'factbook-chat' or a .txt/.jsonl file of questions, got "
                              f"{self.mom2_chat_source!r}")
+        if not isinstance(self.retain_source, str) or not self.retain_source.strip():
+            raise ValueError(f"retain_source must be 'factbook-chat' or a .txt/.jsonl file of questions, got "
+                             f"{self.retain_source!r}")
         if not isinstance(self.mom2_dataset, str) or not self.mom2_dataset.strip():
             raise ValueError(f"mom2_dataset must be a non-empty string (the capability corpus spec, e.g. "
                              f"'wikipedia-offline'), got {self.mom2_dataset!r}")

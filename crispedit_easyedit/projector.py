@@ -323,15 +323,15 @@ class KroneckerProjector:
         return self
 
     def rotate(self, Q: torch.Tensor) -> torch.Tensor:
-        """Coordinates of Q in the Kronecker eigenbasis: U_S^T Q U_A, shape (d_out, d_in)."""
-        rotated = Q @ self.basis_in
+        """Coordinates of Q in the Kronecker eigenbasis: U_S^T Q U_A, shape (d_out, d_in), in the basis dtype."""
+        rotated = Q.to(self.basis_in.dtype) @ self.basis_in
         if self.basis_out is not None:
             rotated = self.basis_out.T @ rotated
         return rotated
 
     def unrotate(self, C: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`rotate`: U_S C U_A^T, shape (d_out, d_in)."""
-        out = C @ self.basis_in.T
+        """Inverse of :meth:`rotate`: U_S C U_A^T, shape (d_out, d_in), in the basis dtype."""
+        out = C.to(self.basis_in.dtype) @ self.basis_in.T
         if self.basis_out is not None:
             out = self.basis_out @ out
         return out

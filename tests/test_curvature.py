@@ -9,7 +9,7 @@ from torch import nn
 
 from crispedit_easyedit.curvature import (
     CacheCorruptError, CacheMismatchError, FactorSet, KFACFactors, cache_path_for, collect_kfac_factors,
-    curvature_identity, loss_positions, model_fingerprint,
+    curvature_identity, label_loss_grad, loss_positions, model_fingerprint, sample_labels,
 )
 from tests.tiny_models import tiny_gpt2, tiny_llama
 
@@ -120,6 +120,34 @@ def test_hand_computed_one_layer_case():
                               dtype=torch.float64, progress=False)
     expected = sum(torch.diag(pi) - torch.outer(pi, pi) for pi in p.detach()) / 6
     assert float((mc["head.weight"].S - expected).norm() / expected.norm()) < 0.05
+
+
+def test_sample_labels_follows_the_distribution_and_never_draws_a_zero():
+    """Inverse-CDF labels: frequencies match the probabilities (2e5 draws: standard error < 1.2e-3), entries of
+    probability zero (first, middle, last) are never drawn, and unnormalised rows are normalised."""
+    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0], dtype=torch.float64)
+    rows = torch.stack([p, 3 * p]).unsqueeze(1).expand(2, 100_000, 6)  # (2, 1e5, 6); the second row sums to 3
+    labels = sample_labels(rows, torch.Generator().manual_seed(0))
+    assert labels.shape == (2, 100_000) and labels.dtype == torch.long
+    freq = torch.bincount(labels.flatten(), minlength=6).double() / labels.numel()
+    torch.testing.assert_close(freq, p, rtol=0, atol=5e-3)
+    assert set(labels.unique().tolist()) == {1, 3, 4}
+    # one-hot rows always give their one label, also at the ends of the vocabulary
+    for hot in (0, 5):
+        one = torch.nn.functional.one_hot(torch.tensor([hot] * 50), 6).float()
+        assert sample_labels(one, torch.Generator().manual_seed(1)).eq(hot).all()
+
+
+def test_label_loss_grad_equals_autograd_of_the_masked_token_loss():
+    logits = torch.randn(2, 5, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                         requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    counted = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    loss = -(torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1) * counted).sum()
+    loss.backward()
+    ours = label_loss_grad(torch.softmax(logits.detach(), -1), labels, counted)
+    torch.testing.assert_close(ours, logits.grad, rtol=1e-12, atol=1e-14)
+    assert ours[~counted].abs().max() == 0
 
 
 def padded(seqs, side, pad_id=0):

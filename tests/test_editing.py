@@ -71,12 +71,12 @@ def test_collate_pads_right_and_masks_labels():
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 3]
 
 
-@pytest.mark.parametrize("mode", ["both", "gradient", "update"])
+@pytest.mark.parametrize("mode", ["both", "gradient", "update", "eigenbasis"])
 def test_batch_edit_lands_and_touches_only_edit_weights(mode):
     tok = tiny_tokenizer()
     tok.padding_side = "left"  # EasyEdit hands left-padded tokenizers over; CrispEdit pads itself
     model = tiny_llama()
-    hp = hparams(projection_mode=mode, num_steps=150 if mode == "update" else 60)
+    hp = hparams(projection_mode=mode, num_steps=150 if mode == "update" else 80)
     factors = corpus_factors(model, hp, tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -95,10 +95,12 @@ def test_batch_edit_lands_and_touches_only_edit_weights(mode):
             assert info["leak_fraction"] < 1e-5
 
 
-def test_conv1d_gpt2_edit_stays_in_subspace():
+@pytest.mark.parametrize("mode", ["both", "eigenbasis"])
+def test_conv1d_gpt2_edit_stays_in_subspace(mode):
     tok = tiny_tokenizer()
     model = tiny_gpt2()
-    hp = hparams(layers=[1, 2], rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", lr=2e-2, num_steps=100)
+    hp = hparams(layers=[1, 2], rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", lr=2e-2, num_steps=100,
+                 projection_mode=mode)
     factors = corpus_factors(model, hp, tok)
     name = "transformer.h.1.mlp.c_proj.weight"
     w0 = dict(model.named_parameters())[name].detach().clone()

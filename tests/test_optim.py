@@ -16,7 +16,8 @@ def run(mode, steps=150, dtype=torch.float32, gamma=0.6, seed=0):
     W0 = W.detach().float().clone()
     X = torch.randn(d_in, 32, generator=g)
     Y = torch.randn(d_out, 32, generator=g)
-    opt = ProjectedAdam([W], [proj.project], mode=mode, lr=1e-2, weight_decay=0.01)
+    opt = ProjectedAdam([W], [proj if mode == "eigenbasis" else proj.project], mode=mode, lr=1e-2,
+                        weight_decay=0.01)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
@@ -28,7 +29,7 @@ def run(mode, steps=150, dtype=torch.float32, gamma=0.6, seed=0):
     return weights - W0, proj, losses
 
 
-@pytest.mark.parametrize("mode", ["update", "both"])
+@pytest.mark.parametrize("mode", ["update", "both", "eigenbasis"])
 def test_change_stays_in_kept_subspace(mode):
     delta, proj, losses = run(mode)
     assert delta.norm() > 0.1
@@ -50,6 +51,44 @@ def test_both_converges_like_gradient_and_faster_than_update():
     _, _, update = run("update", steps=60)
     assert both[-1] <= 1.5 * grad[-1]
     assert both[-1] < update[-1]
+
+
+def test_eigenbasis_mode_converges_like_both():
+    _, _, eigen = run("eigenbasis", steps=60)
+    _, _, both = run("both", steps=60)
+    assert eigen[-1] <= 1.5 * both[-1]
+
+
+def test_eigenbasis_mode_is_adam_in_the_rotated_coordinates():
+    """Oracle: plain AdamW (our "none" mode) on the eigen-coordinates C = U_S^T W U_A of the loss
+    L(U_S (M*C + (1-M)*C0) U_A^T), i.e. with the removed coordinates frozen, gives the same weights (up to the
+    optimizer's fp32 arithmetic; the change itself is about 1e-1)."""
+    g = torch.Generator().manual_seed(3)
+    d_out, d_in = 5, 7
+    proj = KroneckerProjector.from_factors(random_spd(d_in, 1).double(), random_spd(d_out, 2).double(), 0.6,
+                                           dtype=torch.float64)
+    X, Y = torch.randn(d_in, 16, generator=g).double(), torch.randn(d_out, 16, generator=g).double()
+    W0 = torch.randn(d_out, d_in, generator=g).double()
+    M = proj.mask.double()
+
+    W = torch.nn.Parameter(W0.clone())
+    ours = ProjectedAdam([W], [proj], mode="eigenbasis", lr=1e-2)
+    C0 = proj.rotate(W0)
+    C = torch.nn.Parameter(C0.clone())
+    oracle = ProjectedAdam([C], [None], mode="none", lr=1e-2)
+    for _ in range(20):
+        for opt, weights in ((ours, lambda: W), (oracle, lambda: proj.unrotate(M * C + (1 - M) * C0))):
+            opt.zero_grad()
+            ((weights() @ X - Y) ** 2).mean().backward()
+            opt.step()
+    torch.testing.assert_close(W.detach(), proj.unrotate(M * C.detach() + (1 - M) * C0), rtol=0, atol=2e-6)
+    assert (W.detach() - W0).norm() > 5e-2
+
+
+def test_eigenbasis_mode_needs_a_basis():
+    W = torch.nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(TypeError, match="eigenbasis.*rotate, unrotate and mask.*function"):
+        ProjectedAdam([W], [lambda t: t], mode="eigenbasis")
 
 
 def test_none_mode_is_plain_adamw():
@@ -74,7 +113,7 @@ def test_bf16_weights_get_fp32_master_in_subspace():
 
 def test_bad_mode_and_lr():
     W = torch.nn.Parameter(torch.zeros(2, 2))
-    with pytest.raises(ValueError, match="projection_mode.*'gradient', 'update', 'both', 'none'"):
+    with pytest.raises(ValueError, match="projection_mode.*'gradient', 'update', 'both', 'eigenbasis', 'none'"):
         ProjectedAdam([W], [None], mode="grad")
     with pytest.raises(ValueError, match="lr must be > 0"):
         ProjectedAdam([W], [None], lr=0)

@@ -62,7 +62,7 @@ def test_a_hydra_multirun_of_2x2_settings_writes_4_rows_and_the_report_builds_fr
 
 
 def fake_row(method, setting="default", n=10, reliability=0.9, generalization=0.8, kl=0.01, ppl=(10.0, 10.5),
-             gamma=None, overrides=None, retention=None, dataset="zsre", seed=0):
+             gamma=None, overrides=None, retention=None, dataset="zsre", seed=0, factbook_after=0.48):
     """A minimal harness row with the given metrics (qa and none WILD templates, no chat)."""
     per_template = {t: {"reliability_contains": reliability - 0.1, "generalization_contains": generalization - 0.1,
                         "locality_unchanged": 0.95} for t in ("qa", "none")}
@@ -79,7 +79,8 @@ def fake_row(method, setting="default", n=10, reliability=0.9, generalization=0.
         "after": {"teacher_forced": {"reliability": reliability, "generalization": generalization,
                                      "locality_unchanged_tokens": 0.97},
                   "wild": {"per_template": per_template},
-                  "capability": {"heldout_perplexity": ppl[1], "heldout_kl": kl, "factbook_accuracy": 0.45}},
+                  "capability": {"heldout_perplexity": ppl[1], "heldout_kl": kl,
+                                 "factbook_accuracy": factbook_after}},
         "retention": retention, "seconds": {"edit": 12.5}, "memory": {"peak_rss_gib": 2.25},
     }
 
@@ -104,7 +105,7 @@ def test_the_table_shows_teacher_forced_and_wild_side_by_side_and_dashes_for_wha
     assert cells[5] == "0.900 / 0.800 / 0.800 / -"  # TF / qa / none / chat (no chat template: -)
     assert cells[6] == "0.800 / 0.700 / 0.700 / -"
     assert cells[7] == "0.970 / 0.950 / 0.950 / -"
-    assert cells[8:] == ["+5.00", "0.0123", "-0.050", "12.5", "2.25"]
+    assert cells[8:] == ["+5.00", "0.0123", "-0.020", "12.5", "2.25"]
 
 
 def test_plots_are_made_only_for_the_sweeps_in_the_file(tmp_path):
@@ -138,6 +139,10 @@ def test_the_tuning_choice_is_the_best_score_within_the_perplexity_bound():
     assert report.summarize(ft[1]).wild_success == pytest.approx(0.75)  # WILD qa: (0.8 + 0.7) / 2
     worst = [report.summarize(fake_row("lora", f"lr={lr}", ppl=(10.0, p))) for lr, p in ((1, 11.0), (2, 10.5))]
     assert report.tuning_choices(worst)[0][2].startswith("lr=2: no setting kept perplexity within +2.0%")
+    # a setting that answers every question with an edit target (Factbook 0.50 -> 0.10) is not chosen either
+    forgetful = [report.summarize(fake_row("crispedit", s, reliability=r, ppl=(10.0, 10.05), factbook_after=f))
+                 for s, r, f in (("formats", 1.0, 0.10), ("raw", 0.9, 0.47))]
+    assert report.tuning_choices(forgetful)[0][2].startswith("raw: score")
 
 
 def test_the_report_command_says_what_is_wrong_with_its_input(tmp_path, capsys):

@@ -25,6 +25,7 @@ import sys  # noqa: E402
 import traceback  # noqa: E402
 from typing import Any, Iterator, Sequence  # noqa: E402
 
+from ..choices import PROJECTION_MODES  # noqa: E402
 from .data import DATA_DIR_ENV, DATASETS  # noqa: E402
 from .job import DEFAULT_MODEL, SAVE_MODES, JobConfig, UsageError
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CrispEdit hparams YAML (default hparams/CrispEdit/SmolLM2-135M-Instruct.yaml)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override an hparams field, e.g. --set energy_threshold=0.9 (repeatable)")
-        p.add_argument("--projection-mode", choices=["gradient", "update", "both", "none"], default=None,
+        p.add_argument("--projection-mode", choices=list(PROJECTION_MODES), default=None,
                        help="shortcut for --set projection_mode=...; 'none' is plain fine-tuning")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the hparams device)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

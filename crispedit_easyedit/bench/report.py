@@ -188,12 +188,22 @@ def _mean_of(runs: Sequence[RunSummary], attr: str) -> float | None:
 MAX_TUNING_PERPLEXITY_CHANGE_PCT = 2.0
 """The tuning protocol's capability bound: a setting whose held-out perplexity rises more is not chosen."""
 
+MAX_TUNING_FACTBOOK_DROP = 0.05
+"""The tuning protocol's bound on question answering: a setting that loses more Factbook probe accuracy (5 points;
+2 of the fast evaluation's 40 probes) is not chosen. Perplexity alone misses it: an edit trained in the QA and chat
+formats can answer every question with an edit target while Wikipedia perplexity stays flat."""
+
+
+def _within_capability_bounds(ppl: float | None, factbook: float | None, max_ppl: float) -> bool:
+    return (ppl is None or ppl <= max_ppl) and (factbook is None or factbook >= -MAX_TUNING_FACTBOOK_DROP - 1e-12)
+
 
 def tuning_choices(runs: Sequence[RunSummary],
                    max_perplexity_change_pct: float = MAX_TUNING_PERPLEXITY_CHANGE_PCT) -> list[tuple[str, str, str]]:
     """The tuning protocol's choice per (method, dataset, n) with two or more settings: the setting with the highest
-    ``tuning_score`` among those whose perplexity change is at most ``max_perplexity_change_pct`` (seeds averaged);
-    when none is, the one with the smallest perplexity change.
+    ``tuning_score`` among those whose perplexity change is at most ``max_perplexity_change_pct`` and whose Factbook
+    accuracy falls at most ``MAX_TUNING_FACTBOOK_DROP`` (seeds averaged); when none is, the one with the smallest
+    perplexity change.
 
     Returns:
         ``(task, method, "setting: why")`` rows, sorted.
@@ -205,16 +215,17 @@ def tuning_choices(runs: Sequence[RunSummary],
     for (method, dataset, n), settings in sorted(groups.items()):
         if len(settings) < 2:
             continue
-        scored = [(s, _mean_of(rs, "tuning_score"), _mean_of(rs, "perplexity_change_pct"))
-                  for s, rs in settings.items()]
-        allowed = [x for x in scored if x[1] is not None and (x[2] is None or x[2] <= max_perplexity_change_pct)]
+        scored = [(s, _mean_of(rs, "tuning_score"), _mean_of(rs, "perplexity_change_pct"),
+                   _mean_of(rs, "factbook_change")) for s, rs in settings.items()]
+        allowed = [x for x in scored
+                   if x[1] is not None and _within_capability_bounds(x[2], x[3], max_perplexity_change_pct)]
         if allowed:
-            setting, score, ppl = max(allowed, key=lambda x: x[1])
+            setting, score, ppl, _ = max(allowed, key=lambda x: x[1])
             why = f"score {score:.3f}, perplexity {_fmt(ppl, 2, True)}% (of {len(scored)} settings)"
         else:
-            setting, score, ppl = min(scored, key=lambda x: float("inf") if x[2] is None else x[2])
-            why = (f"no setting kept perplexity within +{max_perplexity_change_pct}%: the smallest change "
-                   f"{_fmt(ppl, 2, True)}%")
+            setting, score, ppl, _ = min(scored, key=lambda x: float("inf") if x[2] is None else x[2])
+            why = (f"no setting kept perplexity within +{max_perplexity_change_pct}% and Factbook accuracy within "
+                   f"-{MAX_TUNING_FACTBOOK_DROP}: the smallest perplexity change {_fmt(ppl, 2, True)}%")
         out.append((f"{dataset} n={n}", method, f"{setting}: {why}"))
     return out
 
@@ -290,7 +301,8 @@ def build_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> Path
         lines += ["## Tuning choices", "",
                   f"Per method and task with two or more settings: the highest tuning score (mean of TF edit success "
                   f"and WILD qa success) among settings whose perplexity rises at most "
-                  f"{MAX_TUNING_PERPLEXITY_CHANGE_PCT}%.", "", "| task | method | chosen setting |", "|---|---|---|"]
+                  f"{MAX_TUNING_PERPLEXITY_CHANGE_PCT}% and whose Factbook probe accuracy falls at most "
+                  f"{MAX_TUNING_FACTBOOK_DROP}.", "", "| task | method | chosen setting |", "|---|---|---|"]
         lines += [f"| {task} | {method} | {choice} |" for task, method, choice in choices]
         lines.append("")
     gammas = gamma_series(runs)
