@@ -80,10 +80,15 @@ class ProjectedAdam:
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.step_count = 0
         self.master = [p.detach().to(torch.float32).clone() if p.dtype != torch.float32 else None for p in self.params]
-        # Adam's moments: of the parameter's shape, or of the eigen-coordinates in mode "eigenbasis" (made at the
-        # first step, in the basis dtype)
-        self.exp_avg: list[torch.Tensor | None] = [None] * len(self.params)
-        self.exp_avg_sq: list[torch.Tensor | None] = [None] * len(self.params)
+        # Adam's moments (fp32, beside each parameter): of the parameter's shape, or of the (d_out, d_in)
+        # eigen-coordinates in mode "eigenbasis" (on the basis' device)
+        self.exp_avg = [self._zero_moment(p, q) for p, q in zip(self.params, self.projections)]
+        self.exp_avg_sq = [self._zero_moment(p, q) for p, q in zip(self.params, self.projections)]
+
+    def _zero_moment(self, param: torch.nn.Parameter, projection) -> torch.Tensor:
+        if self.mode == "eigenbasis" and projection is not None:
+            return torch.zeros(projection.mask.shape, dtype=torch.float32, device=projection.mask.device)
+        return torch.zeros_like(param, dtype=torch.float32)
 
     def _project(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
         projection = self.projections[index]
@@ -114,18 +119,17 @@ class ProjectedAdam:
             weights = self.master[i] if self.master[i] is not None else p.data
             basis = self.projections[i] if self.mode == "eigenbasis" else None
             if basis is not None:
-                grad = basis.rotate(grad.to(basis.mask.device)).mul_(basis.mask)
+                grad = basis.rotate(grad.to(basis.mask.device)).mul_(basis.mask).to(torch.float32)
             elif self.mode in ("gradient", "both"):
                 grad = self._project(i, grad)
-            if self.exp_avg[i] is None:
-                self.exp_avg[i], self.exp_avg_sq[i] = torch.zeros_like(grad), torch.zeros_like(grad)
             self.exp_avg[i].mul_(beta1).add_(grad, alpha=1 - beta1)
             self.exp_avg_sq[i].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (self.exp_avg_sq[i] / bias2).sqrt_().add_(self.eps)
             update = (self.exp_avg[i] / bias1) / denom
             if basis is not None:
                 if self.weight_decay:  # the decay's kept part: a decayed removed coordinate would leak
-                    update += self.weight_decay * basis.rotate(weights.to(update.dtype)).mul_(basis.mask)
+                    decay = basis.rotate(weights.to(basis.mask.device)).mul_(basis.mask)
+                    update += self.weight_decay * decay.to(torch.float32)
                 update = basis.unrotate(update).to(weights.device, torch.float32)
             elif self.weight_decay:
                 update = update + self.weight_decay * weights
