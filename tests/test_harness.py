@@ -101,8 +101,11 @@ def test_a_corrupt_cache_entry_is_measured_again_with_a_warning(setup, tmp_path,
 
 @needs_data
 def test_run_one_reuses_the_before_evaluation_across_methods_and_measures_again_for_other_records(
-        tiny_bench, tmp_path, measured_labels):  # noqa: F811
+        tiny_bench, tmp_path, measured_labels, monkeypatch):  # noqa: F811
     from crispedit_easyedit.bench import harness
+
+    # the row names the code the run imported: the git state is taken before anything is measured
+    monkeypatch.setattr(harness, "git_state", lambda: {"measurements_before_it": len(measured_labels)})
 
     def config(method, start=0):
         cfg = bench_config(tiny_bench, method)
@@ -113,6 +116,7 @@ def test_run_one_reuses_the_before_evaluation_across_methods_and_measures_again_
 
     first = harness.run_one(config("crispedit"))
     assert measured_labels == ["before", "after"] and first["before_cache"]["hit"] is False
+    assert first["environment"]["git"] == {"measurements_before_it": 0}
     measured_labels.clear()
     second = harness.run_one(config("ft"))
     assert measured_labels == ["after"] and second["before_cache"] == dict(first["before_cache"], hit=True)

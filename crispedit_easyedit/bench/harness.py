@@ -211,6 +211,7 @@ def run_one(config: Any) -> dict[str, Any]:
     from .methods import get_method, resolve_path
     from .models import load_model_and_tokenizer
 
+    code = git_state()  # the code this run imports, taken before the run's minutes in which the tree may move on
     cfg = resolve_config(config)
     name = cfg["method"]["name"]
     method = get_method(name)
@@ -256,7 +257,7 @@ def run_one(config: Any) -> dict[str, Any]:
     after = measure(model, tok, probes, job_cfg, eval_hparams, reference=measured.reference,
                     before=measured.metrics, timer=timer, label="after")
     env = environment()
-    env["git"] = git_state()
+    env["git"] = code
     row = {
         "schema": ROW_SCHEMA_VERSION,
         "method": name,
