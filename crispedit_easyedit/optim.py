@@ -19,7 +19,8 @@ The optimizer keeps an fp32 master copy of every parameter stored in a lower pre
 math in fp32; the model's weights are overwritten with the rounded master after each step. (Rounding to bf16 then
 perturbs removed directions at the level of bf16 resolution; the master copy itself stays in the subspace.)
 
-Weight decay is decoupled (AdamW) and, in "update" and "both" modes, part of the projected step.
+Weight decay is decoupled (AdamW) and, in "update" and "both" modes, part of the projected step; in "eigenbasis"
+mode only its kept eigen-coordinates are applied.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .choices import PROJECTION_MODES
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
 
-class Eigenbasis(Protocol):
+class RotatedBasis(Protocol):
     """What mode "eigenbasis" needs of a projection (a :class:`~crispedit_easyedit.projector.KroneckerProjector`)."""
 
     mask: torch.Tensor  # (d_out, d_in) bool keep-mask in eigen-coordinates
@@ -54,7 +55,7 @@ class ProjectedAdam:
         params: the edited weights (any float dtype).
         projections: one callable per parameter mapping a tensor of the parameter's shape (fp32) to its projection,
             or None for no projection of that parameter. For transposed weights (GPT-2 Conv1D) the callable must
-            handle the transpose. Mode "eigenbasis" needs :class:`Eigenbasis` objects (rotate, unrotate, mask)
+            handle the transpose. Mode "eigenbasis" needs :class:`RotatedBasis` objects (rotate, unrotate, mask)
             instead of callables.
         mode: one of ``PROJECTION_MODES``.
         lr, betas, eps, weight_decay: as in torch.optim.AdamW.
