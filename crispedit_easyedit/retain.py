@@ -25,6 +25,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from .chat_corpus import chat_questions
+from .curvature import input_device
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def greedy_continuations(model: nn.Module, prompts: Sequence[Sequence[int]], max
     Returns:
         One list of new token ids per prompt, in input order.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embedding's device (also under device_map)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
                               eos_token_id=list(stop_ids) or None)
     out: list[list[int]] = []
