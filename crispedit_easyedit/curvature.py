@@ -449,18 +449,25 @@ def shard_batches(batches: list, rank: int | None = None, world: int | None = No
     return list(batches)[rank::world]
 
 
-def input_device(model: nn.Module) -> torch.device:
-    """Where the model's inputs go: its input embedding's device (the first device under ``device_map="auto"``)."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+def _embedding_device(model: nn.Module, getter: str) -> torch.device:
+    """The device of ``model.<getter>().weight``; the first parameter's when the model has no such embedding (or,
+    like a custom ``PreTrainedModel`` without it, raises NotImplementedError)."""
+    try:
+        embeddings = getattr(model, getter)() if hasattr(model, getter) else None
+    except NotImplementedError:
+        embeddings = None
     weight = getattr(embeddings, "weight", None)
     return weight.device if weight is not None else next(model.parameters()).device
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embedding's device (the first device under ``device_map="auto"``)."""
+    return _embedding_device(model, "get_input_embeddings")
+
+
 def output_device(model: nn.Module) -> torch.device:
     """Where the logits come out: the output embedding's (LM head's) device (the last one under ``device_map``)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    return weight.device if weight is not None else next(model.parameters()).device
+    return _embedding_device(model, "get_output_embeddings")
 
 
 def _all_reduce_sums(tensors: list[torch.Tensor], counts: list[int], device: torch.device) -> list[int]:

@@ -6,7 +6,9 @@ import torch
 
 from crispedit_easyedit.editing import IGNORE_INDEX, apply_crispedit, formatted_prompt_ids
 from crispedit_easyedit.hparams import CrispEditHyperParams
-from crispedit_easyedit.retain import greedy_continuations, retain_examples, stop_token_ids
+from crispedit_easyedit.generation import greedy_decode
+from tests.test_generation import argmax_continuation
+from crispedit_easyedit.retain import retain_examples, stop_token_ids
 from tests.test_editing import FACTS, corpus_factors, hparams, target_accuracy
 from tests.tiny_models import tiny_llama, tiny_tokenizer
 
@@ -18,32 +20,6 @@ def question_file(tmp_path, questions=QUESTIONS):
     path = tmp_path / "questions.txt"
     path.write_text("\n".join(questions) + "\n")
     return str(path)
-
-
-def argmax_continuation(model, ids, steps, stop_ids):
-    """Oracle: one full forward per new token, no cache, no padding."""
-    ids, new = list(ids), []
-    with torch.no_grad():
-        for _ in range(steps):
-            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-            new.append(token)
-            ids.append(token)
-            if token in stop_ids:
-                break
-    return new
-
-
-def test_greedy_continuations_equal_the_unbatched_argmax_and_stop_after_the_stop_id():
-    tok, model = tiny_tokenizer(), tiny_llama()
-    prompts = [tok(q)["input_ids"] for q in QUESTIONS[:4]]
-    assert len({len(p) for p in prompts}) > 1  # the batch is left-padded
-    free = [argmax_continuation(model, p, 6, ()) for p in prompts]
-    stop = free[0][2]  # a token the first answer produces at its third step
-    ours = greedy_continuations(model, prompts, 6, [stop], pad_id=0, batch_size=3)
-    for p, f, o in zip(prompts, free, ours):
-        expected = argmax_continuation(model, p, 6, (stop,))
-        assert o == expected and o == f[: len(o)]
-    assert len(ours[0]) == 3 and ours[0][-1] == stop
 
 
 def test_retain_examples_label_only_the_models_own_answers(tmp_path):
@@ -69,7 +45,7 @@ STATEMENTS = ["Bananas grow in", "My favourite colour is", "Seven times eight eq
 
 
 def continuations(model, tok, prompts):
-    return greedy_continuations(model, [tok(p)["input_ids"] for p in prompts], 6, [], pad_id=0)
+    return greedy_decode(model, [tok(p)["input_ids"] for p in prompts], 6, [], pad_id=0)
 
 
 def test_retain_keeps_the_answers_to_other_prompts_while_the_edits_land(tmp_path):

@@ -495,7 +495,7 @@ def probe_accuracy(
         probes: Probes from ``factbook_probes``.
         template: WILD template: ``"chat"`` (default), ``"qa"`` or ``"none"``.
         max_new_tokens: At most this many new tokens per answer.
-        batch_size: Prompts per ``generate`` call.
+        batch_size: Prompts decoded together.
         show_progress: Show a tqdm bar.
 
     Returns:

@@ -7,29 +7,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from ...editing import pad_token_id
-from .common import QA_TEMPLATE, STOP_STRINGS, TEMPLATES, chunks, eos_token_ids, eval_mode, model_device
+from ...generation import greedy_decode
+from .common import QA_TEMPLATE, STOP_STRINGS, TEMPLATES, eos_token_ids
 from .text import _NQ_PREFIX, contains, exact_match, squad_normalize
 from .prompts import _check_template, has_chat_template, prompt_token_ids, truncate_answer
 
 logger = logging.getLogger(__name__)
-
-
-class _StopOnStrings(StoppingCriteria):
-    """Per-row stop once the decoded new tokens contain a stop string (EOS is handled by ``generate``)."""
-
-    def __init__(self, tok: Any, prompt_len: int, stop_strings: Sequence[str]) -> None:
-        self.tok = tok
-        self.prompt_len = prompt_len
-        self.stop_strings = tuple(stop_strings)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        done = [any(s in t for s in self.stop_strings) for t in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -45,17 +30,17 @@ def generate_from_ids(
     stop_strings: Sequence[str] = STOP_STRINGS,
     show_progress: bool = True,
 ) -> list[str]:
-    """Greedy answers from token-id prompts, left-padded in batches, truncated at the first stop string.
+    """Greedy answers from token-id prompts, truncated at the first stop string (``generation.greedy_decode``).
 
-    Rows are sorted by length so batches carry little padding; positions come from the attention mask inside
-    ``model.generate``, so a batched answer equals the answer generated alone.
+    Rows are sorted by length and left-padded; positions follow the attention mask, so a batched answer equals the
+    answer generated alone; a row leaves its batch at EOS or once its text holds a stop string.
 
     Args:
-        model: A causal LM (``generate`` capable).
+        model: A causal LM.
         tok: Its tokenizer (decoding, pad and EOS ids).
         prompts_ids: One list of prompt token ids per answer.
         max_new_tokens: At most this many new tokens (40 in the paper).
-        batch_size: Prompts per ``generate`` call.
+        batch_size: Prompts decoded together.
         stop_strings: Decoded text that ends an answer.
         show_progress: Show a tqdm bar over batches.
 
@@ -63,50 +48,20 @@ def generate_from_ids(
         One answer per prompt, in input order: the new tokens up to the first EOS, decoded without special tokens,
         cut before the first stop string and stripped.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = model_device(model)
-    pad_id = pad_token_id(tok)
     eos_ids = eos_token_ids(model, tok)
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        min_new_tokens=0,
-        pad_token_id=pad_id,
-        eos_token_id=eos_ids or None,
-    )
-    order = sorted(range(len(prompts_ids)), key=lambda i: len(prompts_ids[i]))
-    answers: list[str] = [""] * len(prompts_ids)
-    with eval_mode(model):
-        for rows in tqdm(list(chunks(len(order), batch_size)), desc="generate", disable=not show_progress,
-                         leave=False):
-            idx = [order[r] for r in rows]
-            seqs = [list(prompts_ids[i]) for i in idx]
-            width = max(len(s) for s in seqs)
-            input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for r, s in enumerate(seqs):
-                input_ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-                attention_mask[r, width - len(s):] = 1
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=gen_cfg,
-                stopping_criteria=StoppingCriteriaList([_StopOnStrings(tok, width, stop_strings)]),
-            )
-            for r, i in enumerate(idx):
-                new = out[r, width:].tolist()
-                for j, t in enumerate(new):
-                    if t in eos_ids:
-                        new = new[:j]
-                        break
-                text = tok.decode(new, skip_special_tokens=True)
-                answers[i] = truncate_answer(text, stop_strings)
+
+    def has_stop_string(new_ids: list[int]) -> bool:
+        text = tok.decode(new_ids, skip_special_tokens=True)
+        return any(s in text for s in stop_strings)
+
+    new_tokens = greedy_decode(model, prompts_ids, max_new_tokens, stop_ids=eos_ids, pad_id=pad_token_id(tok),
+                               batch_size=batch_size, is_finished=has_stop_string if stop_strings else None,
+                               show_progress=show_progress)
+    answers = []
+    for new in new_tokens:
+        if new and new[-1] in eos_ids:
+            new = new[:-1]
+        answers.append(truncate_answer(tok.decode(new, skip_special_tokens=True), stop_strings))
     return answers
 
 
@@ -127,7 +82,7 @@ def wild_generate(
         questions: The questions (or edit prompts).
         template: ``"qa"``, ``"none"`` or ``"chat"`` (see the module docstring).
         max_new_tokens: At most this many new tokens (40 in the paper).
-        batch_size: Prompts per ``generate`` call (results do not depend on it).
+        batch_size: Prompts decoded together (results do not depend on it).
         show_progress: Show a tqdm bar over batches.
 
     Returns:
@@ -195,7 +150,7 @@ def wild_scores(
         templates: Templates to run; ``None`` = ``("qa", "none", "chat")`` when the tokenizer has a chat template,
             else ``("qa", "none")`` with a logged warning. An explicit ``"chat"`` without a chat template raises.
         max_new_tokens: At most this many new tokens per answer.
-        batch_size: Prompts per ``generate`` call.
+        batch_size: Prompts decoded together.
         include_locality: Also answer every locality prompt (ZsRE's ``"nq question: "`` prefix removed) and score
             it against its ground truth; feed the answers before and after an edit to ``locality_unchanged``.
         show_progress: Show tqdm bars.
