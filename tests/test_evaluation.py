@@ -426,6 +426,49 @@ def test_kl_of_known_bigrams(btok: Any) -> None:
     assert ev.mean_kl(before, after, batches, show_progress=False) == pytest.approx(float(expected), rel=1e-4)
 
 
+@pytest.mark.parametrize("max_positions", [1, 9, 10_000])
+def test_heldout_scores_in_one_pass_equal_the_bigram_oracle_for_any_row_grouping(btok: Any, max_positions: int) -> None:
+    """Perplexity, KL and the recorded reference from one pass, whatever the rows per forward: against the exact
+    values of two known bigram tables; every forward carries at most ``max_positions`` positions (one row at
+    least), which is what bounds the full-vocabulary temporaries."""
+    tok = btok
+    torch.manual_seed(2)
+    before, after = bigram(), bigram()
+    with torch.no_grad():
+        before.table.copy_(torch.randn(BV, BV))
+        after.table.copy_(before.table + 0.3 * torch.randn(BV, BV))
+    batches = _batches(tok, TEXTS, "left")
+    seqs = [tok(t)["input_ids"] for t in TEXTS]
+    logq = torch.log_softmax(after.table.detach().double(), -1)
+    nll = [-float(logq[a, b]) for s in seqs for a, b in zip(s, s[1:])]
+    tokens = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches])
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=before.table.detach()[tokens].double()),
+        torch.distributions.Categorical(logits=after.table.detach()[tokens].double())).mean()
+
+    reference = ev.heldout_scores(before, batches, record_reference=True, max_positions=max_positions,
+                                  show_progress=False).reference
+    assert reference.counts == [int(b["attention_mask"].sum()) for b in batches]
+    expected_ref = torch.log_softmax(before.table.detach()[tokens], -1)
+    torch.testing.assert_close(torch.cat(reference.logprobs), expected_ref, rtol=1e-5, atol=1e-5)
+    shapes = []
+    hook = after.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)),
+                                           with_kwargs=True)
+    scores = ev.heldout_scores(after, batches, reference=reference, max_positions=max_positions,
+                               show_progress=False)
+    hook.remove()
+    assert scores.perplexity == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+    assert scores.kl == pytest.approx(float(kl), rel=1e-4)
+    width = batches[0]["input_ids"].shape[1]
+    assert all(n * t <= max(max_positions, t) for n, t in shapes)
+    assert len(shapes) == (len(TEXTS) if max_positions < 2 * width else len(batches))
+    top = ev.heldout_scores(before, batches, record_reference=True, top_k=5, max_positions=max_positions,
+                            show_progress=False).reference
+    full_groups = ev.next_token_logprobs(before, batches, top_k=5, show_progress=False)
+    for got, want in zip(top.indices + top.rest_logprob, full_groups.indices + full_groups.rest_logprob):
+        torch.testing.assert_close(got, want)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # lm-evaluation-harness (optional)
 # ----------------------------------------------------------------------------------------------------------------

@@ -218,7 +218,6 @@ def before_evaluation(model, tok, probes, cfg, hparams, timer=None, use_cache: b
         use_cache: False measures and stores nothing.
         cache_dir: the cache folder (default :func:`default_cache_dir`).
     """
-    from .evaluation import next_token_logprobs
     from .job import PhaseTimer, measure
 
     timer = timer or PhaseTimer()
@@ -232,9 +231,8 @@ def before_evaluation(model, tok, probes, cfg, hparams, timer=None, use_cache: b
         if found is not None:
             logger.info("before-evaluation from the cache (%s in %s)", key, folder)
             return BeforeEvaluation(found[0], found[1], True, key)
-    with timer.phase(f"evaluate {label}: reference log-probs"):
-        reference = next_token_logprobs(model, probes.heldout, show_progress=cfg.progress)
-    metrics = measure(model, tok, probes, cfg, hparams, timer=timer, label=label)
+    metrics = measure(model, tok, probes, cfg, hparams, timer=timer, label=label, record_reference=True)
+    reference = metrics.pop("_reference")
     if use_cache:
         store(folder, key, identity, metrics, reference)
     return BeforeEvaluation(metrics, reference, False, key)

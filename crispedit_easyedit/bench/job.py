@@ -225,14 +225,16 @@ class Probes:
 
 def measure(model, tok, probes: Probes, cfg: JobConfig, hparams, reference=None,
             before: Mapping[str, Any] | None = None, timer: PhaseTimer | None = None,
-            label: str = "") -> dict[str, Any]:
+            label: str = "", record_reference: bool = False) -> dict[str, Any]:
     """All metrics of one model state (see the README for definitions).
 
     Args:
         reference: next-token log-probs of the unedited model on ``probes.heldout`` (for KL); None before the edit.
         before: this function's result on the unedited model (for the "unchanged" locality metrics).
+        record_reference: also return this model's next-token log-probs on ``probes.heldout`` as ``"_reference"``
+            (from the perplexity's forward pass).
     """
-    from .evaluation import kl_to_reference, locality_unchanged, perplexity, teacher_forced_scores, wild_scores
+    from .evaluation import heldout_scores, locality_unchanged, teacher_forced_scores, wild_scores
     from .probes import probe_accuracy
 
     timer = timer or PhaseTimer()
@@ -254,9 +256,13 @@ def measure(model, tok, probes: Probes, cfg: JobConfig, hparams, reference=None,
                 old = before["wild"]["per_template"][template]["answers"]["locality"]
                 scores["locality_unchanged"] = locality_unchanged(old, scores["answers"]["locality"]) if old else None
     with timer.phase(f"evaluate {label}: capability"):
-        capability = {"heldout_perplexity": perplexity(model, probes.heldout, show_progress=cfg.progress)}
-        if reference is not None:
-            capability["heldout_kl"] = kl_to_reference(model, probes.heldout, reference, show_progress=cfg.progress)
+        heldout = heldout_scores(model, probes.heldout, reference=reference, record_reference=record_reference,
+                                 show_progress=cfg.progress)
+        capability = {"heldout_perplexity": heldout.perplexity}
+        if heldout.kl is not None:
+            capability["heldout_kl"] = heldout.kl
+        if record_reference:
+            out["_reference"] = heldout.reference
         if probes.probes:
             from .evaluation import has_chat_template
 

@@ -37,7 +37,8 @@ Definitions (all of them are what the functions below compute):
   ``locality_truth_acc`` (locality prompt vs its ground truth, e.g. ZsRE's ``loc_ans``) and, against the stored
   predictions of the unedited model, ``locality_acc``.
 * **Perplexity** (``perplexity``): ``exp`` of the token-weighted mean negative log-likelihood of every token whose
-  preceding position is also a real (non-pad) token.
+  preceding position is also a real (non-pad) token. ``heldout_scores`` gives perplexity, KL and the reference
+  log-probs from one forward pass, in row groups that bound the full-vocabulary temporaries.
 * **KL** (``mean_kl``/``kl_to_reference``): the mean over all real positions of KL(p_before || p_after) of the
   next-token distributions. With ``top_k`` the reference keeps its top-k log-probabilities plus the remaining mass,
   and the KL is that of the coarse-grained (k + 1)-outcome distributions: a lower bound of the full KL, exact when
@@ -86,6 +87,8 @@ from .teacher_forced import (
     teacher_forced_scores,
 )
 from .capability import (
+    HeldoutScores,
+    heldout_scores,
     perplexity,
     ReferenceLogprobs,
     next_token_logprobs,
@@ -120,6 +123,8 @@ __all__ = [
     "teacher_forced_accuracy",
     "locality_token_agreement",
     "teacher_forced_scores",
+    "HeldoutScores",
+    "heldout_scores",
     "perplexity",
     "ReferenceLogprobs",
     "next_token_logprobs",
