@@ -370,7 +370,9 @@ def alphaedit_projection(hparams: Any, projection: torch.Tensor, path: str, kept
     module.P = projection
     module.P_loaded = True
     hparams.P_loc = path
-    return _record("alphaedit_projection", f"P set from {path} (computed with AlphaEdit's get_project; null-space "
+    from ..job import portable_path  # the receipt goes into result files: no machine path
+
+    return _record("alphaedit_projection", f"P set from {portable_path(path)} (computed with AlphaEdit's get_project; null-space "
                                            f"dims kept per layer {dict(kept)})")
 
 
