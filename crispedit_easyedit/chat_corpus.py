@@ -4,7 +4,10 @@ The capability statistics of raw Wikipedia windows say nothing about how the mod
 template; an edit trained in the chat format can then change every chat answer while the Wikipedia curvature sees no
 harm. ``CrispEditHyperParams.mom2_chat_fraction`` mixes chat-formatted questions into the statistics: each question
 is rendered through the tokenizer's chat template with the generation prompt (:func:`templates.chat_prompt_text`)
-and, under the "mc" Fisher, the model's own sampled answers supply the labels, so no answer text is needed.
+and, under the "mc" Fisher, the model's own sampled answers supply the labels, so no answer text is needed. With
+``mom2_chat_answer_tokens`` > 0 each question is followed by the model's own greedy answer and only the answer's
+positions are counted (:func:`chat_answer_sequences`), so the statistics hold how the model answers, not the system
+prompt every row shares.
 
 Sources (``mom2_chat_source``):
 
@@ -154,6 +157,53 @@ def chat_sequences(source: str, tok: Any, n_tokens: int, seed: int = 0,
         if total >= n_tokens:
             break
     return _pad_right(rows, tok)
+
+
+def chat_answer_sequences(model: Any, tok: Any, source: str, n_tokens: int, answer_tokens: int, seed: int = 0,
+                          max_length: int = 256, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Chat-formatted questions followed by the model's own greedy answers, counted on the answers only.
+
+    Questions are drawn as in :func:`chat_sequences` and answered greedily by ``model`` (at most ``answer_tokens``
+    tokens, the stop token kept), until the counted positions reach ``n_tokens``. A row is the rendered question,
+    the answer and one placeholder (the pad/EOS id, so the last answer token's position is counted too).
+    ``loss_mask`` marks the positions that predict an answer token or the one after it: the last prompt position
+    and every answer position; the system prompt and the question, the same or similar in every row, are not
+    counted. Under the "mc" Fisher the labels are sampled from the model at those positions.
+
+    Returns:
+        ``{"input_ids", "attention_mask", "loss_mask"}``, each (n, T), right-padded; ``loss_mask`` is bool.
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or ``n_tokens`` or ``answer_tokens`` < 1.
+    """
+    from .generation import greedy_decode
+
+    if n_tokens < 1 or answer_tokens < 1:
+        raise ValueError(f"n_tokens and answer_tokens must be >= 1, got {n_tokens} and {answer_tokens}")
+    questions = chat_questions(source)
+    order = random.Random(seed).sample(range(len(questions)), len(questions))
+    stops = sorted({int(i) for i in (tok.eos_token_id, _pad_id(tok)) if i is not None})
+    rows: list[list[int]] = []
+    counted_from: list[int] = []
+    total = 0
+    for start in range(0, len(order), batch_size):
+        prompts = [list(tok(chat_prompt_text(tok, questions[i]), add_special_tokens=False)["input_ids"])
+                   for i in order[start : start + batch_size]]
+        prompts = [p[-(max_length - answer_tokens - 1):] for p in prompts]
+        answers = greedy_decode(model, prompts, answer_tokens, stop_ids=stops, pad_id=_pad_id(tok),
+                                batch_size=batch_size)
+        for prompt, answer in zip(prompts, answers):
+            rows.append(prompt + answer + [_pad_id(tok)])
+            counted_from.append(len(prompt) - 1)
+            total += len(answer) + 1
+            if total >= n_tokens:
+                break
+        if total >= n_tokens:
+            break
+    packed = _pad_right(rows, tok)
+    positions = torch.arange(packed["input_ids"].shape[1])[None, :]
+    packed["loss_mask"] = positions >= torch.tensor(counted_from)[:, None]
+    return packed
 
 
 def _pad_id(tok: Any) -> int:

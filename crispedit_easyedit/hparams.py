@@ -141,6 +141,9 @@ class CrispEditHyperParams:
                                         "fisher_type 'mc' and a tokenizer with a chat template.")
     mom2_chat_source: str = _f("factbook-chat", "Question pool of mom2_chat_fraction: 'factbook-chat' (offline "
                                                 "Factbook questions no probe or edit asks) or a .txt/.jsonl file.")
+    mom2_chat_answer_tokens: int = _f(0, "With mom2_chat_fraction > 0: when > 0, each chat question is followed "
+                                         "by the model's own greedy answer (at most this many tokens) and only the "
+                                         "answer's positions are counted; 0 counts the question's positions.")
     mom2_dtype: str = _f("float32", "dtype of K-FAC factors and their eigendecomposition: float32 or float64.")
     fisher_type: str = _f("mc", "'mc': labels sampled from the model (true Fisher / GNH, the paper's choice); "
                                 "'empirical': the corpus' next tokens.")
@@ -185,7 +188,7 @@ class CrispEditHyperParams:
         "num_steps", "batch_size", "train_batch_size", "max_length", "mom2_n_samples", "mc_samples",
         "curvature_seq_len",
         "curvature_batch_size", "exclude_first_tokens", "seed", "chunk_size", "retain_count",
-        "retain_answer_tokens",
+        "retain_answer_tokens", "mom2_chat_answer_tokens",
     })
     _FLOAT_FIELDS: ClassVar[frozenset[str]] = frozenset({"lr", "weight_decay", "energy_threshold",
                                                          "early_stop_loss", "edit_stats_weight",
@@ -221,7 +224,7 @@ class CrispEditHyperParams:
                               ("mom2_n_samples", 1),
                               ("mc_samples", 1), ("curvature_seq_len", 2), ("curvature_batch_size", 1),
                               ("exclude_first_tokens", 0), ("seed", None), ("retain_count", 1),
-                              ("retain_answer_tokens", 1)):
+                              ("retain_answer_tokens", 1), ("mom2_chat_answer_tokens", 0)):
             setattr(self, name, _as_int(name, getattr(self, name), minimum))
         if self.retain_answer_tokens >= self.max_length:
             raise ValueError(f"retain_answer_tokens must be smaller than max_length ({self.max_length}) so that the "
@@ -251,6 +254,12 @@ class CrispEditHyperParams:
         _check_choice("curvature_factors", self.curvature_factors, CURVATURE_FACTORS)
         _check_choice("curvature_at", self.curvature_at, CURVATURE_AT)
         _check_choice("evaluation_type", self.evaluation_type, EVALUATION_TYPES)
+        if self.mom2_chat_answer_tokens != 0 and self.mom2_chat_fraction <= 0:
+            raise ValueError(f"mom2_chat_answer_tokens {self.mom2_chat_answer_tokens!r} has no effect without "
+                             f"mom2_chat_fraction > 0 (got {self.mom2_chat_fraction!r}); set both or neither")
+        if self.mom2_chat_answer_tokens >= self.curvature_seq_len:
+            raise ValueError(f"mom2_chat_answer_tokens must be below curvature_seq_len ({self.curvature_seq_len}), "
+                             f"got {self.mom2_chat_answer_tokens!r}")
         if self.mom2_chat_fraction > 0 and self.fisher_type != "mc":
             raise ValueError(f"mom2_chat_fraction {self.mom2_chat_fraction} needs fisher_type 'mc' (the model's own "
                              f"sampled answers are the chat questions' labels), got {self.fisher_type!r}")

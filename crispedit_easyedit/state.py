@@ -109,6 +109,9 @@ def capability_identity(model_fp: Mapping[str, Any], tok, hparams, targets) -> d
 
         corpus += (f"|chat={chat_corpus_key(hparams.mom2_chat_source)}|chat_fraction={chat_fraction!r}"
                    f"|chat_template={hashlib.sha256(str(tok.chat_template).encode()).hexdigest()[:16]}")
+        answer_tokens = getattr(hparams, "mom2_chat_answer_tokens", 0)
+        if answer_tokens:  # only then: earlier chat caches keep their keys
+            corpus += f"|chat_answer_tokens={answer_tokens}"
     weights = {"weights_sha256": model_fp["weights_sha256"], "revision": model_fp.get("revision")}
     return curvature_identity(weights, names, {t.name: t.shape for t in targets}, corpus, hparams.mom2_n_samples,
                               hparams.curvature_seq_len, hparams.fisher_type, hparams.mc_samples, hparams.mom2_dtype,
@@ -124,26 +127,34 @@ def _collect_capability(model, tok, hparams, targets, progress: bool) -> FactorS
     size = hparams.curvature_batch_size
     batches = [{key: value[i : i + size] for key, value in packed.items()}
                for i in range(0, packed["input_ids"].shape[0], size)]
-    batches += _chat_batches(tok, hparams, int(packed["attention_mask"].sum()))
+    batches += _chat_batches(model, tok, hparams, int(packed["attention_mask"].sum()))
     return collect_kfac_factors(  # under torch.distributed each rank collects its shard; the sums are all-reduced
         model, [t.name for t in targets], shard_batches(batches), fisher_type=hparams.fisher_type,
         mc_samples=hparams.mc_samples, dtype=FACTOR_DTYPES[hparams.mom2_dtype], seed=hparams.seed,
         exclude_first_tokens=hparams.exclude_first_tokens, progress=progress)
 
 
-def _chat_batches(tok, hparams, wiki_tokens: int) -> list[dict[str, torch.Tensor]]:
-    """Batches of chat-formatted questions holding ``mom2_chat_fraction`` of all statistics tokens (none at 0)."""
+def _chat_batches(model, tok, hparams, wiki_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """Batches of chat-formatted questions holding ``mom2_chat_fraction`` of all statistics tokens (none at 0);
+    with ``mom2_chat_answer_tokens`` > 0, the questions with the model's greedy answers, counted on the answers."""
     fraction = getattr(hparams, "mom2_chat_fraction", 0.0)
     if fraction <= 0:
         return []
-    from .chat_corpus import chat_sequences
+    from .chat_corpus import chat_answer_sequences, chat_sequences
 
     n_tokens = max(1, round(wiki_tokens * fraction / (1.0 - fraction)))
-    packed = chat_sequences(hparams.mom2_chat_source, tok, n_tokens, seed=hparams.seed,
-                            max_length=hparams.curvature_seq_len)
-    logger.info("chat-formatted capability questions: %d (%d tokens, %.0f%% of the statistics' tokens; %s)",
-                packed["input_ids"].shape[0], int(packed["attention_mask"].sum()), 100 * fraction,
-                hparams.mom2_chat_source)
+    answer_tokens = getattr(hparams, "mom2_chat_answer_tokens", 0)
+    if answer_tokens:
+        packed = chat_answer_sequences(model, tok, hparams.mom2_chat_source, n_tokens, answer_tokens,
+                                       seed=hparams.seed, max_length=hparams.curvature_seq_len)
+        counted = int(packed["loss_mask"].sum())
+    else:
+        packed = chat_sequences(hparams.mom2_chat_source, tok, n_tokens, seed=hparams.seed,
+                                max_length=hparams.curvature_seq_len)
+        counted = int(packed["attention_mask"].sum())
+    logger.info("chat-formatted capability questions: %d (%d counted tokens, %.0f%% of the statistics' tokens; %s%s)",
+                packed["input_ids"].shape[0], counted, 100 * fraction, hparams.mom2_chat_source,
+                f", the model's answers of at most {answer_tokens} tokens" if answer_tokens else "")
     size = max(hparams.curvature_batch_size, 16)
     return [{key: value[i : i + size] for key, value in packed.items()}
             for i in range(0, packed["input_ids"].shape[0], size)]

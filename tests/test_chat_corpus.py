@@ -1,6 +1,7 @@
 """Chat-formatted questions in the capability statistics (issue 9): the offline pool is disjoint from the probes,
 the sequences are what the chat template renders, the mixture is token-weighted and part of the cache key."""
 
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from crispedit_easyedit import chat_corpus, state
 from crispedit_easyedit.bench import probes as pr
-from crispedit_easyedit.curvature import collect_kfac_factors, model_fingerprint
+from crispedit_easyedit.curvature import collect_kfac_factors, loss_positions, model_fingerprint
 from crispedit_easyedit.editing import edit_targets
 from crispedit_easyedit.hparams import CrispEditHyperParams
 from crispedit_easyedit.templates import chat_prompt_text
@@ -98,3 +99,47 @@ def test_mixture_is_token_weighted_and_keyed(tmp_path):
     keys = {f: state.capability_identity(fp, tok, _hparams(tmp_path, f), targets)["corpus"] for f in (0.0, 0.25, 0.5)}
     assert "chat=" not in keys[0.0] and len(set(keys.values())) == 3
     assert "chat_fraction=0.25" in keys[0.25]
+
+
+def test_chat_answer_sequences_hold_the_models_greedy_answers_and_count_only_them():
+    """Each row is the rendered question, the model's own greedy answer and a placeholder; loss_mask counts the last
+    prompt position and the answer positions only (never the question), and the budget is in counted tokens."""
+    from tests.test_generation import argmax_continuation
+
+    tok, model = chat_tok(), tiny_llama(seed=5)
+    stops = (tok.eos_token_id, tok.pad_token_id)
+    packed = chat_corpus.chat_answer_sequences(model, tok, chat_corpus.FACTBOOK_CHAT, n_tokens=40, answer_tokens=5,
+                                               seed=1, batch_size=4)
+    ids, mask, counted = packed["input_ids"], packed["attention_mask"], packed["loss_mask"]
+    assert counted.dtype == torch.bool and counted.shape == ids.shape
+    questions = chat_corpus.factbook_chat_questions()
+    order = random.Random(1).sample(range(len(questions)), len(questions))
+    total = 0
+    for row in range(ids.shape[0]):
+        prompt = list(tok(chat_prompt_text(tok, questions[order[row]]), add_special_tokens=False)["input_ids"])
+        answer = argmax_continuation(model, prompt, 5, stops)
+        length = int(mask[row].sum())
+        assert ids[row, :length].tolist() == prompt + answer + [tok.pad_token_id]
+        assert counted[row].nonzero().flatten().tolist()[0] == len(prompt) - 1  # the answer-predicting position
+        assert int((counted & loss_positions(mask))[row].sum()) == len(answer) + 1  # what the collection counts
+        total += len(answer) + 1
+    assert total >= 40 and total - (len(answer) + 1) < 40  # stops at the first row past the budget
+    with pytest.raises(ValueError, match="answer_tokens must be >= 1"):
+        chat_corpus.chat_answer_sequences(model, tok, chat_corpus.FACTBOOK_CHAT, 10, 0)
+
+
+def test_answer_counted_chat_statistics_are_keyed_and_differ(tmp_path):
+    tok, model = chat_tok(), tiny_llama()
+    questions_only = _hparams(tmp_path, 0.25)
+    with_answers = SimpleNamespace(**{**vars(questions_only), "mom2_chat_answer_tokens": 6})
+    targets = edit_targets(model, questions_only)
+    names = [t.name for t in targets]
+    fp = model_fingerprint(model, names)
+    key_q = state.capability_identity(fp, tok, questions_only, targets)["corpus"]
+    key_a = state.capability_identity(fp, tok, with_answers, targets)["corpus"]
+    assert "chat_answer_tokens" not in key_q and key_a == key_q + "|chat_answer_tokens=6"
+    a = state._collect_capability(model, tok, with_answers, targets, progress=False)
+    q = state._collect_capability(model, tok, questions_only, targets, progress=False)
+    assert not torch.allclose(a[names[0]].A, q[names[0]].A, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="mom2_chat_answer_tokens 4 has no effect without mom2_chat_fraction > 0"):
+        CrispEditHyperParams(model_name="m", layers=[1], mom2_chat_answer_tokens=4)
