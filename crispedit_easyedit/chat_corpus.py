@@ -166,9 +166,9 @@ def chat_answer_sequences(model: Any, tok: Any, source: str, n_tokens: int, answ
     Questions are drawn as in :func:`chat_sequences` and answered greedily by ``model`` (at most ``answer_tokens``
     tokens, the stop token kept), until the counted positions reach ``n_tokens``. A row is the rendered question,
     the answer and one placeholder (the pad/EOS id, so the last answer token's position is counted too).
-    ``loss_mask`` marks the positions that predict an answer token or the one after it: the last prompt position
-    and every answer position; the system prompt and the question, the same or similar in every row, are not
-    counted. Under the "mc" Fisher the labels are sampled from the model at those positions.
+    ``loss_mask`` marks exactly the positions that predict an answer token or the one after it: the last prompt
+    position and every answer position; the system prompt and the question, the same or similar in every row, and
+    the padding are not counted. Under the "mc" Fisher the labels are sampled from the model at those positions.
 
     Returns:
         ``{"input_ids", "attention_mask", "loss_mask"}``, each (n, T), right-padded; ``loss_mask`` is bool.
@@ -184,7 +184,7 @@ def chat_answer_sequences(model: Any, tok: Any, source: str, n_tokens: int, answ
     order = random.Random(seed).sample(range(len(questions)), len(questions))
     stops = sorted({int(i) for i in (tok.eos_token_id, _pad_id(tok)) if i is not None})
     rows: list[list[int]] = []
-    counted_from: list[int] = []
+    counted_from: list[int] = []  # per row: the first counted position (the last prompt position)
     total = 0
     for start in range(0, len(order), batch_size):
         prompts = [list(tok(chat_prompt_text(tok, questions[i]), add_special_tokens=False)["input_ids"])
@@ -202,7 +202,8 @@ def chat_answer_sequences(model: Any, tok: Any, source: str, n_tokens: int, answ
             break
     packed = _pad_right(rows, tok)
     positions = torch.arange(packed["input_ids"].shape[1])[None, :]
-    packed["loss_mask"] = positions >= torch.tensor(counted_from)[:, None]
+    last = torch.tensor([len(r) - 2 for r in rows])[:, None]  # the last answer token's position
+    packed["loss_mask"] = (positions >= torch.tensor(counted_from)[:, None]) & (positions <= last)
     return packed
 
 

@@ -121,7 +121,8 @@ def test_chat_answer_sequences_hold_the_models_greedy_answers_and_count_only_the
         length = int(mask[row].sum())
         assert ids[row, :length].tolist() == prompt + answer + [tok.pad_token_id]
         assert counted[row].nonzero().flatten().tolist()[0] == len(prompt) - 1  # the answer-predicting position
-        assert int((counted & loss_positions(mask))[row].sum()) == len(answer) + 1  # what the collection counts
+        assert counted[row].nonzero().flatten().tolist() == list(range(len(prompt) - 1, length - 1))
+        assert not bool((counted & ~loss_positions(mask)).any())  # nothing the collection would not count
         total += len(answer) + 1
     assert total >= 40 and total - (len(answer) + 1) < 40  # stops at the first row past the budget
     with pytest.raises(ValueError, match="answer_tokens must be >= 1"):
