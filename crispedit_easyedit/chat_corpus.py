@@ -187,19 +187,18 @@ def chat_answer_sequences(model: Any, tok: Any, source: str, n_tokens: int, answ
     counted_from: list[int] = []  # per row: the first counted position (the last prompt position)
     total = 0
     for start in range(0, len(order), batch_size):
+        if total >= n_tokens:
+            break
         prompts = [list(tok(chat_prompt_text(tok, questions[i]), add_special_tokens=False)["input_ids"])
-                   for i in order[start : start + batch_size]]
-        prompts = [p[-(max_length - answer_tokens - 1):] for p in prompts]
+                   [-(max_length - answer_tokens - 1):] for i in order[start : start + batch_size]]
         answers = greedy_decode(model, prompts, answer_tokens, stop_ids=stops, pad_id=_pad_id(tok),
                                 batch_size=batch_size)
         for prompt, answer in zip(prompts, answers):
+            if total >= n_tokens:
+                break
             rows.append(prompt + answer + [_pad_id(tok)])
             counted_from.append(len(prompt) - 1)
             total += len(answer) + 1
-            if total >= n_tokens:
-                break
-        if total >= n_tokens:
-            break
     packed = _pad_right(rows, tok)
     positions = torch.arange(packed["input_ids"].shape[1])[None, :]
     last = torch.tensor([len(r) - 2 for r in rows])[:, None]  # the last answer token's position

@@ -14,7 +14,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -140,10 +140,15 @@ def formatted_prompt_ids(tok, prompt: str, fmt: str) -> list[int]:
     return ids
 
 
+def train_formats(hparams) -> list[str]:
+    """The formats each edit is trained in: ``hparams.train_formats``, ["raw"] when unset (EasyEdit-style hparams)."""
+    return list(getattr(hparams, "train_formats", None) or ["raw"])
+
+
 def edit_examples(tok, requests: Sequence[Mapping[str, Any]], hparams) -> list[tuple[list[int], list[int]]]:
     """The training examples of ``requests``: one per request and format of ``hparams.train_formats`` (default
     ``["raw"]``), request-major (all formats of request 0, then request 1, ...)."""
-    formats = list(getattr(hparams, "train_formats", None) or ["raw"])
+    formats = train_formats(hparams)
     eos = bool(getattr(hparams, "train_eos", False))
     return [tokenize_edit_formatted(tok, r["prompt"], r["target_new"], fmt, hparams.max_length, eos)
             for r in requests for fmt in formats]
@@ -489,7 +494,7 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
         chunks = [requests[i : i + chunk] for i in range(0, len(requests), chunk)]
         projectors: dict[str, KroneckerProjector] = {}
         # the answers to keep are the model's own at the start of the call (empty unless retain_weight > 0)
-        retain = retain_examples(model, tok, hparams, list(getattr(hparams, "train_formats", None) or ["raw"]))
+        retain = retain_examples(model, tok, hparams, train_formats(hparams))
         report.retain_examples = len(retain)
         for index, part in enumerate(chunks):
             eigenbases, fresh = state.protected_eigenbases(curvature, hparams, targets)

@@ -24,6 +24,14 @@ MIN_SHARED_PREFIX = 4
 """A batch's common leading tokens are computed once when there are at least this many (else with the rows)."""
 
 
+def stop_token_ids(model: nn.Module, tok) -> list[int]:
+    """The ids that end an answer: the tokenizer's EOS and the model's generation-config EOS id(s), sorted."""
+    ids = [tok.eos_token_id]
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += list(config_eos) if isinstance(config_eos, (list, tuple)) else [config_eos]
+    return sorted({int(i) for i in ids if i is not None})
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id lists as one left-padded batch.
 

@@ -23,19 +23,11 @@ from typing import Any
 from torch import nn
 
 from .chat_corpus import chat_questions
-from .generation import greedy_decode
+from .generation import greedy_decode, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
 Example = tuple[list[int], list[int]]
-
-
-def stop_token_ids(model: nn.Module, tok: Any) -> list[int]:
-    """The ids that end an answer: the tokenizer's EOS and the model's generation-config EOS id(s)."""
-    ids = [tok.eos_token_id]
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids += list(config_eos) if isinstance(config_eos, (list, tuple)) else [config_eos]
-    return sorted({int(i) for i in ids if i is not None})
 
 
 def retain_examples(model: nn.Module, tok: Any, hparams, formats: Sequence[str]) -> list[Example]:

@@ -411,13 +411,19 @@ def test_kl_zero_for_same_model_and_positive_when_perturbed(tok: Any) -> None:
         ev.kl_to_reference(perturbed, batches[:1], ref, show_progress=False)
 
 
-def test_kl_of_known_bigrams(btok: Any) -> None:
-    tok = btok
-    torch.manual_seed(1)
+def _bigram_pair(seed: int) -> tuple[BigramLM, BigramLM]:
+    """A random bigram LM and a perturbed copy of it (before and after an "edit")."""
+    torch.manual_seed(seed)
     before, after = bigram(), bigram()
     with torch.no_grad():
         before.table.copy_(torch.randn(BV, BV))
         after.table.copy_(before.table + 0.3 * torch.randn(BV, BV))
+    return before, after
+
+
+def test_kl_of_known_bigrams(btok: Any) -> None:
+    tok = btok
+    before, after = _bigram_pair(seed=1)
     batches = _batches(tok, TEXTS, "right")
     tokens = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches])
     expected = torch.distributions.kl_divergence(
@@ -432,11 +438,7 @@ def test_heldout_scores_in_one_pass_equal_the_bigram_oracle_for_any_row_grouping
     values of two known bigram tables; every forward carries at most ``max_positions`` positions (one row at
     least), which is what bounds the full-vocabulary temporaries."""
     tok = btok
-    torch.manual_seed(2)
-    before, after = bigram(), bigram()
-    with torch.no_grad():
-        before.table.copy_(torch.randn(BV, BV))
-        after.table.copy_(before.table + 0.3 * torch.randn(BV, BV))
+    before, after = _bigram_pair(seed=2)
     batches = _batches(tok, TEXTS, "left")
     seqs = [tok(t)["input_ids"] for t in TEXTS]
     logq = torch.log_softmax(after.table.detach().double(), -1)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ...generation import stop_token_ids
 from ...templates import QA_TEMPLATE
 
 __all__ = ["QA_TEMPLATE", "TEMPLATES", "STOP_STRINGS", "Batch", "model_device", "eval_mode", "eos_token_ids", "chunks"]
@@ -43,17 +44,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def eos_token_ids(model: torch.nn.Module, tok: Any) -> list[int]:
-    ids: list[int] = []
-    if tok.eos_token_id is not None:
-        ids.append(int(tok.eos_token_id))
-    gen_cfg = getattr(model, "generation_config", None)
-    extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
-    if isinstance(extra, int):
-        extra = [extra]
-    for i in extra or []:
-        if int(i) not in ids:
-            ids.append(int(i))
-    return ids
+    """The ids that end a WILD answer (``generation.stop_token_ids``: the tokenizer's and the model's EOS ids)."""
+    return stop_token_ids(model, tok)
 
 
 def chunks(n: int, size: int) -> Iterator[range]:
