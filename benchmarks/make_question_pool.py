@@ -10,6 +10,12 @@ are dropped, so a pool never holds an evaluated locality prompt.
     python benchmarks/make_question_pool.py --records ../shared/data/zsre_train.json --range 300-999 \\
         --exclude ../shared/data/zsre_train.json:0-299 --exclude ../shared/data/zsre_eval.json:0-605 \\
         --out benchmarks/pools/zsre_train-loc-300-999.txt
+    python benchmarks/make_question_pool.py --records ../shared/data/counterfact.json --range 1000-1999 \
+        --exclude ../shared/data/counterfact.json:0-999 --exclude ../shared/data/counterfact.json:2000-9999 \
+        --out benchmarks/pools/counterfact-loc-1000-1999.txt
+
+CounterFact's locality prompts are neighbourhood prompts (a relation of the edits' kind, another subject): as a
+retain pool they are the "specificity" lever of issue 9 (the model's own completions of them are kept).
 """
 
 from __future__ import annotations
