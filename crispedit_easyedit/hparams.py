@@ -127,7 +127,8 @@ class CrispEditHyperParams:
                                    "format, are trained alongside the edits so that answers to other questions "
                                    "stay as they were; 0 disables it.")
     retain_source: str = _f("factbook-chat", "Question pool of the retain loss: 'factbook-chat' (offline Factbook "
-                                             "questions no probe or edit asks) or a .txt/.jsonl file.")
+                                             "questions no probe or edit asks) or a .txt/.jsonl file, or several "
+                                             "joined by '+'.")
     retain_count: int = _f(64, "Questions of the retain loss (each in every train format).")
     retain_answer_tokens: int = _f(24, "At most this many tokens of each retained answer (below max_length).")
     # --- Curvature (capability statistics) -----------------------------------------------------------------------
@@ -140,7 +141,8 @@ class CrispEditHyperParams:
                                         "chat template are protected too; in [0, 1), 0 = Wikipedia only. Needs "
                                         "fisher_type 'mc' and a tokenizer with a chat template.")
     mom2_chat_source: str = _f("factbook-chat", "Question pool of mom2_chat_fraction: 'factbook-chat' (offline "
-                                                "Factbook questions no probe or edit asks) or a .txt/.jsonl file.")
+                                                "Factbook questions no probe or edit asks) or a .txt/.jsonl file, "
+                                                "or several joined by '+'.")
     mom2_chat_answer_tokens: int = _f(0, "With mom2_chat_fraction > 0: when > 0, each chat question is followed "
                                          "by the model's own greedy answer (at most this many tokens) and only the "
                                          "answer's positions are counted; 0 counts the question's positions.")

@@ -57,6 +57,25 @@ def test_question_files_and_unknown_sources(tmp_path):
         chat_corpus.chat_questions("reddit")
 
 
+def test_joined_sources_concatenate_once_and_key_by_content(tmp_path):
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("What is a cat?\nWhy?\n")
+    second.write_text("Why?\nWhere is Rome?\n")
+    joined = f"{first}+{second}"
+    assert chat_corpus.chat_questions(joined) == ["What is a cat?", "Why?", "Where is Rome?"]
+    key = chat_corpus.chat_corpus_key(joined)
+    assert key == f"{chat_corpus.chat_corpus_key(str(first))}+{chat_corpus.chat_corpus_key(str(second))}"
+    assert key != chat_corpus.chat_corpus_key(f"{second}+{first}")  # the order of the parts is part of the pool
+    with_factbook = chat_corpus.chat_questions(f"{chat_corpus.FACTBOOK_CHAT}+{first}")
+    assert with_factbook[-2:] == ["What is a cat?", "Why?"] and len(with_factbook) == len(
+        chat_corpus.factbook_chat_questions()) + 2
+    plus_named = tmp_path / "x+y.txt"  # an existing file whose name holds '+' is one source
+    plus_named.write_text("Who?\n")
+    assert chat_corpus.chat_questions(str(plus_named)) == ["Who?"]
+    with pytest.raises(ValueError, match="unknown chat corpus 'reddit'.*joined by '\\+'"):
+        chat_corpus.chat_questions(f"{first}+reddit")
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(mom2_chat_fraction=1.0), "mom2_chat_fraction must be in \\[0, 1\\)"),
     (dict(mom2_chat_fraction=-0.1), "mom2_chat_fraction must be a number >= 0"),
