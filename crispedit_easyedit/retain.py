@@ -9,8 +9,10 @@ harm. With ``CrispEditHyperParams.retain_weight`` > 0, each call first asks the 
     edit loss + retain_weight * cross-entropy of the recorded answers,
 
 one minibatch of each per optimizer step, both through the same projected optimizer, so the edit must land without
-changing those answers. The pool (``chat_corpus.chat_questions``; default ``"factbook-chat"``) holds no question
-that this package evaluates. This module never imports EasyEdit or the experiment side.
+changing those answers. The default pool (``chat_corpus.chat_questions``: ``"factbook-chat"``) holds no question
+that this package evaluates; a file pool must be disjoint from the evaluated items too (the pools in
+``benchmarks/pools/`` are built so by ``benchmarks/make_question_pool.py``: locality questions of records no run edits
+or evaluates). This module never imports EasyEdit or the experiment side.
 """
 
 from __future__ import annotations
