@@ -28,12 +28,12 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_core import paired_ratio  # this script's folder is on sys.path when run as benchmarks/bench_edit_time.py
 
 logger = logging.getLogger("bench_edit_time")
 
@@ -67,11 +67,8 @@ def timed_edit(model, tok, requests, hparams, originals: dict[str, torch.Tensor]
             "steps": report.steps, "final_loss": report.final_loss}
 
 
-def median_ratio(values: list[float], base: list[float]) -> float:
-    return statistics.median(v / b for v, b in zip(values, base))
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from crispedit_easyedit.bench.harness import git_state
     from crispedit_easyedit.bench.models import load_model_and_tokenizer
     from crispedit_easyedit.editing import edit_targets
     from crispedit_easyedit.hparams import CrispEditHyperParams
@@ -99,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "editing_median_s": statistics.median(trains),
             "curvature_median_s": statistics.median(t["curvature"] for t in times[mode]),
             "wall_ratio_to_ft": statistics.median(walls) / statistics.median(t["wall"] for t in times["none"]),
-            "wall_paired_ratio_to_ft": median_ratio(walls, [t["wall"] for t in times["none"]]),
+            "wall_paired_ratio_to_ft": paired_ratio(walls, [t["wall"] for t in times["none"]]),
             "editing_ratio_to_ft": statistics.median(trains) / statistics.median(t["editing"] for t in times["none"]),
             "steps": times[mode][0]["steps"],
             "final_loss_median": statistics.median(t["final_loss"] for t in times[mode]),
@@ -107,22 +104,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git": _git_commit(),
+        "git": git_state(),
         "edits": args.edits, "epochs": args.epochs, "reps": args.reps,
         "train_batch_size": base.train_batch_size, "layers": list(base.layers), "gamma": base.energy_threshold,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "load_average": os.getloadavg(),
         "modes": rows,
     }
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from crispedit_easyedit.bench.data import read_records, strip_nq_prefix
+from crispedit_easyedit.bench.data import is_wikibigedit_release_form, locality_prompt, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,11 @@ def parse_range(text: str) -> range:
 
 
 def locality_question(record: dict) -> str | None:
-    """The record's locality question: ZsRE ``loc`` without "nq question: ", else ``locality_prompt``."""
-    text = record.get("loc") or record.get("locality_prompt")
-    if isinstance(text, list):
-        text = text[0] if text else None
-    if not isinstance(text, str) or not text.strip():
-        return None
-    return strip_nq_prefix(text.strip()).strip() or None
+    """The record's locality question as its edit request carries it (``bench.data.locality_prompt``): ZsRE's
+    ``loc`` without "nq question: " for a record with ZsRE's ``src`` field, else CounterFact's (or WikiBigEdit's)
+    neighbourhood prompt."""
+    dataset = "zsre" if "src" in record else "wikibigedit" if is_wikibigedit_release_form(record) else "counterfact"
+    return locality_prompt(dataset, record)
 
 
 def questions_in(path: str, rows: range) -> list[str]:

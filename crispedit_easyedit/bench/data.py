@@ -129,6 +129,12 @@ def strip_nq_prefix(prompt: str) -> str:
     return _NQ_PREFIX.sub("", prompt, count=1)
 
 
+def _locality_text(value: Any) -> str | None:
+    """A locality prompt as requests carry it: stripped, ZsRE's "nq question: " removed; None when empty."""
+    text = _text(value)
+    return None if text is None else _text(strip_nq_prefix(text))
+
+
 def make_request(
     *,
     case_id: int,
@@ -184,9 +190,7 @@ def make_request(
     else:
         request["subject"] = subject_s
 
-    loc_prompt_s, loc_answer_s = _text(locality_prompt), _text(locality_ground_truth)
-    if loc_prompt_s is not None:
-        loc_prompt_s = _text(strip_nq_prefix(loc_prompt_s))
+    loc_prompt_s, loc_answer_s = _locality_text(locality_prompt), _text(locality_ground_truth)
     if loc_prompt_s is None or loc_answer_s is None:
         missing.append("locality")
         request["locality"] = {}
@@ -288,6 +292,13 @@ def _wikibigedit_fields(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _FIELD_MAPPERS = {"zsre": _zsre_fields, "counterfact": _counterfact_fields, "wikibigedit": _wikibigedit_fields}
+
+
+def locality_prompt(dataset: str, record: Mapping[str, Any]) -> str | None:
+    """The locality prompt a request of ``record`` carries (ZsRE's ``loc`` without "nq question: ", CounterFact's
+    neighbourhood prompt, ...), whether or not the record's other fields make a valid request; None when absent."""
+    _check_dataset(dataset)
+    return _locality_text(_FIELD_MAPPERS[dataset](record).get("locality_prompt"))
 
 
 def record_to_request(
