@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .chat_corpus import chat_questions
 from .checks import check_finite_step
+from .context_prefixes import prefixed_examples, sample_context_prefixes
 from .curvature import (
     FACTOR_DTYPES, FactorSet, check_factors, check_positions, collect_kfac_factors, input_device, model_fingerprint,
     model_inputs, resolve_module, shard_batches, weight_orientation,
@@ -300,6 +301,7 @@ class EditReport:
     eigendecompositions: int = 0
     edit_statistics_collections: int = 0
     retain_examples: int = 0
+    context_prefixes: list[str] = field(default_factory=list)
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
     chunk_leak_fractions: list[dict[str, float]] = field(default_factory=list)
     predicted_loss_increase: float = 0.0
@@ -320,7 +322,8 @@ class EditReport:
                 f"capability-loss increase {self.predicted_loss_increase:.3g} nats/token, curvature "
                 f"{self.curvature_source} ({self.seconds_curvature:.1f}s), {self.eigendecompositions} "
                 f"eigendecomposition(s), {self.edit_statistics_collections} past-edit statistics collection(s), "
-                f"{self.retain_examples} retain examples, editing {self.seconds_editing:.1f}s")
+                f"{self.retain_examples} retain examples, {len(self.context_prefixes)} context prefixes, editing "
+                f"{self.seconds_editing:.1f}s")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (the projectors, which hold tensors, are left out)."""
@@ -342,13 +345,16 @@ def _retain_batches(retain: Sequence[tuple[list[int], list[int]]], size: int, pa
 def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], hparams,
                        targets: Sequence[EditTarget], projectors: Mapping[str, KroneckerProjector] | None,
                        progress: bool = True,
-                       retain: Sequence[tuple[list[int], list[int]]] = ()) -> tuple[int, int, list[float]]:
+                       retain: Sequence[tuple[list[int], list[int]]] = (),
+                       prefixes: Sequence[str] = ()) -> tuple[int, int, list[float]]:
     """Fine-tune the target weights on prompt -> target_new with projected Adam (hparams.projection_mode).
 
     Up to ``hparams.num_steps`` epochs of shuffled minibatches of ``hparams.train_batch_size`` edits, with a fresh
     optimizer; stops early once the epoch's mean edit loss falls below ``hparams.early_stop_loss``. With ``retain``
     examples (:mod:`crispedit_easyedit.retain`) every step adds ``hparams.retain_weight`` times the loss of one
-    minibatch of them. The caller handles requires_grad flags and restoration.
+    minibatch of them. With context ``prefixes`` (:mod:`crispedit_easyedit.context_prefixes`) every epoch adds one
+    raw example per edit, its prompt after a prefix drawn anew for that epoch. The caller handles requires_grad flags
+    and restoration.
 
     Returns:
         (epochs run, optimizer steps, mean loss per epoch).
@@ -357,7 +363,8 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
         NonFiniteError: a loss, gradient or step is NaN or inf (the weights may be changed; the caller restores).
     """
     device = input_device(model)  # the embedding's device (not an edited layer's, under device_map)
-    examples = edit_examples(tok, requests, hparams)
+    bare_examples = edit_examples(tok, requests, hparams)
+    prefix_generator = torch.Generator().manual_seed(hparams.seed + 2)
     pad = pad_token_id(tok)
     mode = "none" if projectors is None else hparams.projection_mode
     projections = [None if projectors is None else _projection_fn(t, projectors[t.name], mode) for t in targets]
@@ -372,6 +379,7 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
                      if retain and retain_weight > 0 else None)
     bar = tqdm(range(hparams.num_steps), desc="CrispEdit epochs", unit="epoch", disable=not progress)
     for _ in bar:
+        examples = bare_examples + prefixed_examples(tok, requests, prefixes, hparams, prefix_generator)
         order = torch.randperm(len(examples), generator=generator).tolist()
         total, count = 0.0, 0
         for batch in _batches([examples[i] for i in order], size, pad):
@@ -496,6 +504,9 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
         # the answers to keep are the model's own at the start of the call (empty unless retain_weight > 0)
         retain = retain_examples(model, tok, hparams, train_formats(hparams))
         report.retain_examples = len(retain)
+        prefixes = (sample_context_prefixes(model, tok, hparams.context_prefixes, hparams.context_prefix_tokens,
+                                            hparams.seed) if getattr(hparams, "context_prefixes", 0) else [])
+        report.context_prefixes = prefixes
         for index, part in enumerate(chunks):
             eigenbases, fresh = state.protected_eigenbases(curvature, hparams, targets)
             report.eigendecompositions += int(fresh)
@@ -505,7 +516,8 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
             for t in targets:
                 t.param.requires_grad_(True)
             epochs, steps, history = finetune_projected(
-                model, tok, part, hparams, targets, projectors if use_projection else None, progress, retain)
+                model, tok, part, hparams, targets, projectors if use_projection else None, progress, retain,
+                prefixes)
             for t in targets:
                 t.param.requires_grad_(False)
             report.epochs += epochs

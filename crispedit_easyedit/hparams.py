@@ -131,6 +131,11 @@ class CrispEditHyperParams:
                                              "joined by '+'.")
     retain_count: int = _f(64, "Questions of the retain loss (each in every train format).")
     retain_answer_tokens: int = _f(24, "At most this many tokens of each retained answer (below max_length).")
+    context_prefixes: int = _f(0, "Number of context prefixes (crispedit_easyedit.context_prefixes): short texts "
+                                  "the model writes at the call's start (seeded, ROME/MEMIT's context templates); "
+                                  "every epoch adds one raw example per edit whose prompt follows a prefix drawn "
+                                  "at random, so the edit holds after other text. 0 disables it.")
+    context_prefix_tokens: int = _f(10, "Sampled tokens of each context prefix (after its start word).")
     # --- Curvature (capability statistics) -----------------------------------------------------------------------
     energy_threshold: float = _f(0.8, "gamma: fraction of the Kronecker eigenvalue energy whose directions are "
                                       "removed from the update, in (0, 1].")
@@ -190,7 +195,7 @@ class CrispEditHyperParams:
         "num_steps", "batch_size", "train_batch_size", "max_length", "mom2_n_samples", "mc_samples",
         "curvature_seq_len",
         "curvature_batch_size", "exclude_first_tokens", "seed", "chunk_size", "retain_count",
-        "retain_answer_tokens", "mom2_chat_answer_tokens",
+        "retain_answer_tokens", "mom2_chat_answer_tokens", "context_prefixes", "context_prefix_tokens",
     })
     _FLOAT_FIELDS: ClassVar[frozenset[str]] = frozenset({"lr", "weight_decay", "energy_threshold",
                                                          "early_stop_loss", "edit_stats_weight",
@@ -226,11 +231,15 @@ class CrispEditHyperParams:
                               ("mom2_n_samples", 1),
                               ("mc_samples", 1), ("curvature_seq_len", 2), ("curvature_batch_size", 1),
                               ("exclude_first_tokens", 0), ("seed", None), ("retain_count", 1),
-                              ("retain_answer_tokens", 1), ("mom2_chat_answer_tokens", 0)):
+                              ("retain_answer_tokens", 1), ("mom2_chat_answer_tokens", 0), ("context_prefixes", 0),
+                              ("context_prefix_tokens", 1)):
             setattr(self, name, _as_int(name, getattr(self, name), minimum))
         if self.retain_answer_tokens >= self.max_length:
             raise ValueError(f"retain_answer_tokens must be smaller than max_length ({self.max_length}) so that the "
                              f"question fits, got {self.retain_answer_tokens}")
+        if self.context_prefix_tokens >= self.max_length:
+            raise ValueError(f"context_prefix_tokens must be smaller than max_length ({self.max_length}) so that the "
+                             f"prompt and target fit, got {self.context_prefix_tokens}")
         if self.chunk_size is not None:
             self.chunk_size = _as_int("chunk_size", self.chunk_size, 1, allowed="None or an integer >= 1")
         if self.exclude_first_tokens >= self.curvature_seq_len:
