@@ -154,6 +154,11 @@ def test_every_in_package_method_runs_end_to_end_with_the_same_row_schema(tiny_b
     assert row["after"]["capability"]["heldout_kl"] > 0
     assert {r["metric"] for r in row["comparison"]} >= {"reliability (rewrite token acc.)",
                                                         "held-out next-token KL(before || after)"}
+    # the probes that changed verdict account for the change of Factbook accuracy
+    asked = row["factbook_probes"]["asked"]
+    net = sum(-1 if change["lost"] else 1 for change in row["factbook_changes"])
+    assert net == round(asked * (row["after"]["capability"]["factbook_accuracy"]
+                                 - row["before"]["capability"]["factbook_accuracy"]))
     # relative paths only
     assert f'"{tiny_bench}' not in lines[-1] and '"/' not in lines[-1]  # no JSON string is an absolute path
     settings = row["receipts"][0]["settings"]

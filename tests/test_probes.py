@@ -197,3 +197,24 @@ def test_exclude_countries() -> None:
     everyone = {p.country for p in pool}
     with pytest.raises(ValueError, match=r"between 1 and 4 .* without 244 excluded countries"):
         pr.factbook_probes(n=5, exclude_countries=everyone - {"fr"})
+
+
+def test_probe_changes_name_the_facts_an_edit_cost_or_gave() -> None:
+    probes = [
+        pr.Probe("What is the capital of France?", ["Paris"], "capital"),
+        pr.Probe("What is the capital of Japan?", ["Tokyo"], "capital"),
+        pr.Probe("What is the currency of Peru?", ["sol", "nuevo sol"], "currency"),
+        pr.Probe("On which continent is Chad located?", ["Africa"], "continent"),
+    ]
+    before = ["It is Paris.", "Kyoto", "The sol.", "Asia"]
+    after = ["Berlin", "Tokyo!", "The sol.", "Europe"]
+    changes = pr.probe_changes(probes, before, after)
+    assert changes == [
+        {"question": "What is the capital of France?", "kind": "capital", "answers": ["Paris"],
+         "before": "It is Paris.", "after": "Berlin", "lost": True},
+        {"question": "What is the capital of Japan?", "kind": "capital", "answers": ["Tokyo"],
+         "before": "Kyoto", "after": "Tokyo!", "lost": False},
+    ]
+    assert pr.probe_changes(probes, before, before) == []
+    with pytest.raises(ValueError, match="4 probes, 4 and 3 answers"):
+        pr.probe_changes(probes, before, after[:3])

@@ -21,7 +21,8 @@ A row (:data:`ROW_KEYS`): ``schema``, ``method``, ``setting`` (the method overri
 range, counts, content hash), ``receipts`` (one per method call), ``before``/``after`` (every metric),
 ``comparison`` (``job.comparison_rows``), ``retention`` (sequential runs, else None), ``seconds`` per phase,
 ``memory`` (the process's peak so far, and ``runs_in_process``: in a multirun the peak includes earlier runs of the
-same process), ``factbook_probes`` (asked, pool, dropped as leaking), ``before_cache`` and ``finished``. Paths in a row are relative (``job.portable_path``); nothing absolute.
+same process), ``factbook_probes`` (asked, pool, dropped as leaking), ``factbook_changes`` (the probes an edit got wrong or right,
+with both answers: ``probes.probe_changes``; None without probes), ``before_cache`` and ``finished``. Paths in a row are relative (``job.portable_path``); nothing absolute.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 ROW_SCHEMA_VERSION = 1
 ROW_KEYS = ("schema", "method", "setting", "seed", "config", "environment", "records", "receipts", "before",
-            "after", "comparison", "retention", "seconds", "memory", "factbook_probes", "before_cache", "finished")
+            "after", "comparison", "retention", "seconds", "memory", "factbook_probes", "factbook_changes", "before_cache", "finished")
 RECEIPT_KEYS = ("method", "settings", "seconds", "n_requests")
 """Keys every method's receipt has (``methods.base``)."""
 
@@ -277,11 +278,22 @@ def run_one(config: Any) -> dict[str, Any]:
         "seconds": timer.seconds,
         "memory": dict(peak_memory(), runs_in_process=_count_run()),  # a process peak: one run per process to compare
         "factbook_probes": probes.probe_summary,
+        "factbook_changes": _factbook_changes(probes, measured.metrics, after),
         "before_cache": {"hit": measured.cache_hit, "key": measured.key},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     append_row(cfg["results_file"], row)
     return row
+
+
+def _factbook_changes(probes, before: Mapping[str, Any], after: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """``probes.probe_changes`` of a run, or None when no probes were asked (or a cached before-evaluation from an
+    older version holds no answers)."""
+    from .probes import probe_changes
+
+    if not probes.probes or "_factbook_answers" not in before or "_factbook_answers" not in after:
+        return None
+    return probe_changes(probes.probes, before["_factbook_answers"], after["_factbook_answers"])
 
 
 _RUNS_IN_PROCESS = 0

@@ -528,3 +528,31 @@ def score_probes(probes: Sequence[Probe], answers: Sequence[str]) -> dict[str, A
         if flags:
             per_kind[kind] = {"accuracy": sum(flags) / len(flags), "n": len(flags)}
     return {"accuracy": sum(correct) / len(correct), "n": len(correct), "per_kind": per_kind, "correct": correct}
+
+
+def probe_changes(probes: Sequence[Probe], before: Sequence[str], after: Sequence[str]) -> list[dict[str, Any]]:
+    """The probes whose verdict (the answer contains an acceptable answer) differs before and after an edit, so a
+    result row shows *which* facts an edit cost or gave, and what the model says instead.
+
+    Args:
+        probes: The probes asked.
+        before, after: One greedy answer per probe, before and after the edit.
+
+    Returns:
+        One dict per changed probe, in probe order: ``question``, ``kind``, ``answers`` (the acceptable ones),
+        ``before``, ``after`` (the two answers) and ``lost`` (True: right before, wrong after).
+
+    Raises:
+        ValueError: the three lengths differ.
+    """
+    if not len(probes) == len(before) == len(after):
+        raise ValueError(f"need one answer before and after per probe; got {len(probes)} probes, {len(before)} and "
+                         f"{len(after)} answers")
+    changes = []
+    for probe, old, new in zip(probes, before, after):
+        was, now = contains(old, probe.answers), contains(new, probe.answers)
+        if was != now:
+            changes.append({"question": probe.question, "kind": probe.kind, "answers": list(probe.answers),
+                            "before": old, "after": new, "lost": was})
+    return changes
+
