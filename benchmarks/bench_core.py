@@ -8,8 +8,8 @@ ratios, because the machines this runs on are shared and noisy:
    forward+backward over the same tokens: (a) with every parameter requiring grad (a training step of the whole
    model), (b) with only the five edited weights requiring grad (the fairer comparison for editing).
    Goal: collection <= 1.1x a plain forward+backward of the edit weights (issue 11).
-2. One projected Adam step (``ProjectedAdam`` modes "both" and "eigenbasis", projectors from the factors just
-   collected) relative to a plain ``torch.optim.Adam`` step over the same weights plus a forward+backward of a batch
+2. One projected Adam step (``ProjectedAdam`` modes "both" and "eigenbasis", each also with the gradient projected
+   in bf16 as ``gradient_projection_dtype: bfloat16`` does; projectors from the factors just collected) relative to a plain ``torch.optim.Adam`` step over the same weights plus a forward+backward of a batch
    of ZsRE edits.
    Step overhead = (projected step - plain step) / (plain step + forward/backward). Goal: <= 10 %.
 3. Random SPD factors of a big down-projection (Llama-3-8B: d_out 4096, d_in 14336): eigendecomposition time of
@@ -266,6 +266,11 @@ def part_step(model, tok, args, device, names, factors) -> dict[str, Any]:
     plain = torch.optim.Adam(edit_params, lr=args.lr)
     projected = ProjectedAdam(edit_params, [projectors[n].project for n in names], mode="both", lr=args.lr)
     eigen = ProjectedAdam(edit_params, [projectors[n] for n in names], mode="eigenbasis", lr=args.lr)
+    low = {n: projectors[n].in_dtype(torch.bfloat16) for n in names}  # gradient_projection_dtype "bfloat16"
+    projected_bf16 = ProjectedAdam(edit_params, [projectors[n].project for n in names], mode="both", lr=args.lr,
+                                   gradient_projections=[low[n].project for n in names])
+    eigen_bf16 = ProjectedAdam(edit_params, [projectors[n] for n in names], mode="eigenbasis", lr=args.lr,
+                               gradient_projections=[low[n] for n in names])
     unprojected = ProjectedAdam(edit_params, [None] * len(names), mode="none", lr=args.lr)
     complements = {n: complement_projection(projectors[n]) for n in names}
     prototype = ProjectedAdam(edit_params, [complements[n][0] for n in names], mode="both", lr=args.lr)
@@ -284,6 +289,8 @@ def part_step(model, tok, args, device, names, factors) -> dict[str, Any]:
            "adam_step_plain": plain.step,
            "projected_adam_step_both": projected.step,
            "projected_adam_step_eigenbasis": eigen.step,
+           "projected_adam_step_both_bf16_gradient": projected_bf16.step,
+           "projected_adam_step_eigenbasis_bf16_gradient": eigen_bf16.step,
            "projected_adam_class_mode_none": unprojected.step,
            "projections_only_2x": projections_only,
            "prototype_complement_step_both": prototype.step}
@@ -298,6 +305,13 @@ def part_step(model, tok, args, device, names, factors) -> dict[str, Any]:
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["adam_step_plain"] + med["fwd_bwd_edit_batch"]
     paired_base = [a + b for a, b in zip(times["adam_step_plain"], times["fwd_bwd_edit_batch"])]
+
+    def overheads(step: str) -> dict[str, float]:
+        """(projected step - plain step) / (plain step + fwd+bwd): of the medians, and the median of paired reps."""
+        return {"median": (med[step] - med["adam_step_plain"]) / base,
+                "paired": statistics.median((p - a) / b for p, a, b in zip(times[step], times["adam_step_plain"],
+                                                                            paired_base))}
+
     return {
         "edit_batch": len(examples), "padded_length": int(batch["input_ids"].shape[1]), "gamma": args.gamma,
         "kept_fraction": kept, "projector_build": summary(build_times),
@@ -309,6 +323,8 @@ def part_step(model, tok, args, device, names, factors) -> dict[str, Any]:
         "paired_eigenbasis_step_overhead": statistics.median(
             (p - a) / b for p, a, b in zip(times["projected_adam_step_eigenbasis"], times["adam_step_plain"],
                                            paired_base)),
+        "bf16_gradient_step_overheads": {mode: overheads(f"projected_adam_step_{mode}_bf16_gradient")
+                                         for mode in ("both", "eigenbasis")},
         "prototype_step_overhead": (med["prototype_complement_step_both"] - med["adam_step_plain"]) / base,
         "prototype_subspace_sizes": {n: {"rows_I": c[1], "cols_J": c[2]} for n, c in complements.items()},
         "prototype_max_rel_error": max(errors),
@@ -370,8 +386,11 @@ def part_big(args, device) -> dict[str, Any]:
     projected = ProjectedAdam([weight], [projector.project], mode="both", lr=args.lr)
     eigen = ProjectedAdam([weight], [projector], mode="eigenbasis", lr=args.lr)
     prototype = ProjectedAdam([weight], [complement], mode="both", lr=args.lr)
+    low = projector.in_dtype(torch.bfloat16)
+    eigen_bf16 = ProjectedAdam([weight], [projector], mode="eigenbasis", lr=args.lr, gradient_projections=[low])
     fns = {"big_adam_step_plain": plain.step, "big_projected_adam_step_both": projected.step,
            "big_projected_adam_step_eigenbasis": eigen.step,
+           "big_projected_adam_step_eigenbasis_bf16_gradient": eigen_bf16.step,
            "big_prototype_complement_step_both": prototype.step}
     times = interleaved(fns, args.big_reps, args.big_warmup, device, between=restore, label="part 3")
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -382,6 +401,8 @@ def part_big(args, device) -> dict[str, Any]:
         "timings": {k: summary(v) for k, v in times.items()},
         "ratio_projected_vs_plain": med["big_projected_adam_step_both"] / med["big_adam_step_plain"],
         "ratio_eigenbasis_vs_plain": med["big_projected_adam_step_eigenbasis"] / med["big_adam_step_plain"],
+        "ratio_eigenbasis_bf16_gradient_vs_plain": (med["big_projected_adam_step_eigenbasis_bf16_gradient"]
+                                                    / med["big_adam_step_plain"]),
     }
 
 
@@ -436,6 +457,10 @@ def markdown(result: dict[str, Any]) -> str:
         metrics.append(f"| projected step overhead (eigenbasis) / (plain Adam + fwd+bwd) | {100 * value:.1f}% "
                        f"(paired {100 * p2['paired_eigenbasis_step_overhead']:.1f}%) | <= 10% | "
                        f"{'yes' if value <= 0.10 else 'NO'} |")
+        for mode, value in p2.get("bf16_gradient_step_overheads", {}).items():
+            metrics.append(f"| projected step overhead ({mode}, gradient_projection_dtype bfloat16) | "
+                           f"{100 * value['median']:.1f}% (paired {100 * value['paired']:.1f}%) | <= 10% | "
+                           f"{'yes' if value['median'] <= 0.10 else 'NO'} |")
         metrics.append(f"| same, prototype complement projection (not in package) | "
                        f"{100 * p2['prototype_step_overhead']:.1f}% | <= 10% | "
                        f"{'yes' if p2['prototype_step_overhead'] <= 0.10 else 'NO'} |")
@@ -455,7 +480,8 @@ def markdown(result: dict[str, Any]) -> str:
             add(label, name, s)
         metrics.append(f"| big projected step / plain Adam step ({d_out}x{d_in}) | "
                        f"{p3['ratio_projected_vs_plain']:.0f}x (both), {p3['ratio_eigenbasis_vs_plain']:.0f}x "
-                       f"(eigenbasis) | | |")
+                       f"(eigenbasis), {p3.get('ratio_eigenbasis_bf16_gradient_vs_plain', float('nan')):.0f}x "
+                       f"(eigenbasis, bf16 gradient) | | |")
         metrics.append(f"| big kept fraction (gamma {result['config']['gamma']}); removed-direction support I x J | "
                        f"{p3['kept_fraction']:.4f}; {p3['prototype_subspace_sizes']['rows_I']}x"
                        f"{p3['prototype_subspace_sizes']['cols_J']} | | |")

@@ -14,3 +14,8 @@ CURVATURE_FACTORS: tuple[str, ...] = ("kfac", "activation")
 """Which curvature builds the projector: 'kfac' = A (x) S (CrispEdit); 'activation' = A (x) I, the activation
 covariance alone (Adam-NSCL's / AlphaEdit's input-side nullspace, paper Proposition 1): whole eigendirections of A
 are removed, for every output row alike."""
+
+GRADIENT_PROJECTION_DTYPES: tuple[str, ...] = ("basis", "bfloat16")
+"""Precision of the gradient's projection (modes "gradient", "both") or rotation (mode "eigenbasis"): the eigenbasis'
+own dtype, or bfloat16 matmuls (about 4x faster; the step's projection stays in the basis dtype, so "both" and
+"eigenbasis" still leak nothing)."""

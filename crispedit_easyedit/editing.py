@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
+GRADIENT_DTYPES: dict[str, torch.dtype | None] = {"basis": None, "bfloat16": torch.bfloat16}
+"""``hparams.gradient_projection_dtype`` -> the dtype of the gradient's projection (None: the eigenbasis' own)."""
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Requests -> token ids
@@ -368,8 +371,11 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     pad = pad_token_id(tok)
     mode = "none" if projectors is None else hparams.projection_mode
     projections = [None if projectors is None else _projection_fn(t, projectors[t.name], mode) for t in targets]
+    low = GRADIENT_DTYPES[getattr(hparams, "gradient_projection_dtype", "basis")]
+    gradient_projections = None if projectors is None or low is None else [
+        _projection_fn(t, projectors[t.name].in_dtype(low), mode) for t in targets]
     optimizer = ProjectedAdam([t.param for t in targets], projections, mode=mode, lr=hparams.lr,
-                              weight_decay=hparams.weight_decay)
+                              weight_decay=hparams.weight_decay, gradient_projections=gradient_projections)
     generator = torch.Generator().manual_seed(hparams.seed)
     history: list[float] = []
     steps = 0

@@ -15,6 +15,12 @@ Modes (``projection_mode``):
   scaling then acts on eigen-coordinates rather than on weight entries, which departs from the paper's Algorithm 1.
 * ``"none"``: plain Adam (fine-tuning without the constraint; for ablations).
 
+The gradient's projection (modes "gradient" and "both") and rotation (mode "eigenbasis") may use a different,
+cheaper projection than the step's (``gradient_projections``, e.g. the bf16 eigenbasis of
+:meth:`~crispedit_easyedit.projector.KroneckerProjector.in_dtype`): in "both" and "eigenbasis" modes the step's
+projection or unrotation in full precision keeps the weight change in the kept subspace whatever the gradient's
+rounding, which then only perturbs the step's direction inside that subspace.
+
 The optimizer keeps an fp32 master copy of every parameter stored in a lower precision (bf16/fp16) and does all
 math in fp32; the model's weights are overwritten with the rounded master after each step. (Rounding to bf16 then
 perturbs removed directions at the level of bf16 resolution; the master copy itself stays in the subspace.)
@@ -59,11 +65,15 @@ class ProjectedAdam:
             instead of callables.
         mode: one of ``PROJECTION_MODES``.
         lr, betas, eps, weight_decay: as in torch.optim.AdamW.
+        gradient_projections: what projects (modes "gradient", "both") or rotates (mode "eigenbasis") the gradient,
+            one per parameter like ``projections`` (default: ``projections``); the step always goes through
+            ``projections``. An "eigenbasis" gradient projection must rotate into the same eigenbasis (its mask is
+            the one of ``projections``; only its ``rotate`` is used).
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], projections: Iterable[Projection | None],
                  mode: str = "both", lr: float = 5e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, gradient_projections: Iterable[Projection | None] | None = None):
         if mode not in PROJECTION_MODES:
             raise ValueError(f"projection_mode must be one of {PROJECTION_MODES}, got {mode!r}")
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -72,12 +82,22 @@ class ProjectedAdam:
         self.projections = list(projections)
         if len(self.params) != len(self.projections):
             raise ValueError(f"got {len(self.params)} parameters but {len(self.projections)} projections")
+        self.gradient_projections = (self.projections if gradient_projections is None
+                                     else list(gradient_projections))
+        if len(self.gradient_projections) != len(self.params):
+            raise ValueError(f"got {len(self.params)} parameters but {len(self.gradient_projections)} gradient "
+                             f"projections")
         self.mode = mode
         if mode == "eigenbasis":
             for i, projection in enumerate(self.projections):
                 if projection is not None and not all(hasattr(projection, a) for a in ("rotate", "unrotate", "mask")):
                     raise TypeError(f"projection_mode 'eigenbasis' needs projections with rotate, unrotate and mask "
                                     f"(a KroneckerProjector); projection {i} is {type(projection).__name__}")
+            for i, projection in enumerate(self.gradient_projections):
+                if (projection is None) != (self.projections[i] is None) or not (
+                        projection is None or hasattr(projection, "rotate")):
+                    raise TypeError(f"projection_mode 'eigenbasis' needs a gradient projection with rotate wherever "
+                                    f"there is a projection; gradient projection {i} is {type(projection).__name__}")
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.step_count = 0
         self.master = [p.detach().to(torch.float32).clone() if p.dtype != torch.float32 else None for p in self.params]
@@ -120,9 +140,10 @@ class ProjectedAdam:
             weights = self.master[i] if self.master[i] is not None else p.data
             basis = self.projections[i] if self.mode == "eigenbasis" else None
             if basis is not None:
-                grad = basis.rotate(grad.to(basis.mask.device)).mul_(basis.mask).to(torch.float32)
-            elif self.mode in ("gradient", "both"):
-                grad = self._project(i, grad)
+                rotation = self.gradient_projections[i]
+                grad = rotation.rotate(grad.to(basis.mask.device)).mul_(basis.mask).to(torch.float32)
+            elif self.mode in ("gradient", "both") and self.gradient_projections[i] is not None:
+                grad = self.gradient_projections[i](grad).to(torch.float32)
             self.exp_avg[i].mul_(beta1).add_(grad, alpha=1 - beta1)
             self.exp_avg_sq[i].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (self.exp_avg_sq[i] / bias2).sqrt_().add_(self.eps)

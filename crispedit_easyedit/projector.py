@@ -322,6 +322,18 @@ class KroneckerProjector:
                 setattr(self, name, value.to(device))
         return self
 
+    def in_dtype(self, dtype: torch.dtype) -> "KroneckerProjector":
+        """This projector with its eigenvectors stored in ``dtype`` (same mask and eigenvalues), so that
+        :meth:`rotate`, :meth:`unrotate` and :meth:`project` run their matmuls in ``dtype`` (bf16 matmuls are about
+        4x faster than fp32 on CPUs with AVX512-BF16 and on GPUs). The result is only as orthogonal as ``dtype``
+        allows (bf16: a relative error of about 2^-8 per product), so it is meant for the gradient's projection,
+        whose error a full-precision projection of the step removes. Returns self for the basis' own dtype.
+        """
+        if dtype == self.basis_in.dtype:
+            return self
+        cast = None if self.basis_out is None else self.basis_out.to(dtype)
+        return KroneckerProjector(self.eig_in, self.basis_in.to(dtype), self.eig_out, cast, self.mask, self.gamma)
+
     def rotate(self, Q: torch.Tensor) -> torch.Tensor:
         """Coordinates of Q in the Kronecker eigenbasis: U_S^T Q U_A, shape (d_out, d_in), in the basis dtype."""
         rotated = Q.to(self.basis_in.dtype) @ self.basis_in

@@ -71,12 +71,15 @@ def test_collate_pads_right_and_masks_labels():
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 3]
 
 
-@pytest.mark.parametrize("mode", ["both", "gradient", "update", "eigenbasis"])
-def test_batch_edit_lands_and_touches_only_edit_weights(mode):
+@pytest.mark.parametrize("mode,gradient_dtype", [("both", "basis"), ("gradient", "basis"), ("update", "basis"),
+                                                  ("eigenbasis", "basis"), ("both", "bfloat16"),
+                                                  ("eigenbasis", "bfloat16")])
+def test_batch_edit_lands_and_touches_only_edit_weights(mode, gradient_dtype):
     tok = tiny_tokenizer()
     tok.padding_side = "left"  # EasyEdit hands left-padded tokenizers over; CrispEdit pads itself
     model = tiny_llama()
-    hp = hparams(projection_mode=mode, num_steps=150 if mode == "update" else 80)
+    hp = hparams(projection_mode=mode, num_steps=150 if mode == "update" else 80,
+                 gradient_projection_dtype=gradient_dtype)
     factors = corpus_factors(model, hp, tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -95,12 +98,13 @@ def test_batch_edit_lands_and_touches_only_edit_weights(mode):
             assert info["leak_fraction"] < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["both", "eigenbasis"])
-def test_conv1d_gpt2_edit_stays_in_subspace(mode):
+@pytest.mark.parametrize("mode,gradient_dtype", [("both", "basis"), ("eigenbasis", "basis"),
+                                                  ("eigenbasis", "bfloat16")])
+def test_conv1d_gpt2_edit_stays_in_subspace(mode, gradient_dtype):
     tok = tiny_tokenizer()
     model = tiny_gpt2()
     hp = hparams(layers=[1, 2], rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", lr=2e-2, num_steps=100,
-                 projection_mode=mode)
+                 projection_mode=mode, gradient_projection_dtype=gradient_dtype)
     factors = corpus_factors(model, hp, tok)
     name = "transformer.h.1.mlp.c_proj.weight"
     w0 = dict(model.named_parameters())[name].detach().clone()
@@ -168,3 +172,10 @@ def test_plain_finetuning_mode_none():
     report = apply_crispedit(model, tok, FACTS, hp, factors=corpus_factors(model, hp, tok), progress=False)
     assert target_accuracy(model, tok, FACTS) == 1.0
     assert max(info["leak_fraction"] for info in report.layers.values()) > 0.01
+
+
+def test_every_gradient_projection_dtype_has_a_torch_dtype():
+    from crispedit_easyedit.choices import GRADIENT_PROJECTION_DTYPES
+    from crispedit_easyedit.editing import GRADIENT_DTYPES
+
+    assert tuple(GRADIENT_DTYPES) == GRADIENT_PROJECTION_DTYPES
