@@ -4,8 +4,9 @@ One process, the real SmolLM2-135M-Instruct, the shipped hparams (hparams/CrispE
 the same ZsRE edits; every call is ``apply_crispedit`` from the base weights with a fresh edit state, so each one
 loads the capability curvature and eigenbases from the warm disk cache, builds its masks, trains and writes its
 report, as a user's single ``edit`` call does. Early stopping is off, so every mode runs exactly ``--epochs`` epochs
-(the same optimizer steps). Modes: "none" (fine-tuning: the harness's ``ft``), "both" (the default) and
-"eigenbasis". Repetitions are interleaved (none, both, eigenbasis, none, ...) and medians compared, because these
+(the same optimizer steps). Modes: "none" (fine-tuning: the harness's ``ft``), "both" (the default),
+"eigenbasis", and both of these with ``gradient_projection_dtype: bfloat16``. Repetitions are interleaved (none,
+both, eigenbasis, ..., none, ...) and medians compared, because these
 machines are shared. Goal (issue 11): CrispEdit <= 1.15x fine-tuning.
 
 Reported per mode: the call's wall time, its training part (``EditReport.seconds_editing``) and its curvature part
@@ -40,7 +41,13 @@ logger = logging.getLogger("bench_edit_time")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "bench_edit_time.jsonl"
 DEFAULT_HPARAMS = REPO_ROOT / "hparams" / "CrispEdit" / "SmolLM2-135M-Instruct.yaml"
-MODES = ("none", "both", "eigenbasis")
+MODES: dict[str, dict[str, str]] = {  # label -> hparams overrides
+    "none": {"projection_mode": "none"},
+    "both": {"projection_mode": "both"},
+    "eigenbasis": {"projection_mode": "eigenbasis"},
+    "both+bf16-gradient": {"projection_mode": "both", "gradient_projection_dtype": "bfloat16"},
+    "eigenbasis+bf16-gradient": {"projection_mode": "eigenbasis", "gradient_projection_dtype": "bfloat16"},
+}
 
 
 def zsre_requests(path: Path, count: int) -> list[dict[str, str]]:
@@ -76,8 +83,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct-offline")
     base = CrispEditHyperParams.from_hparams(args.hparams)
     requests = zsre_requests(args.zsre, args.edits)
-    per_mode = {mode: dataclasses.replace(base, projection_mode=mode, num_steps=args.epochs, early_stop_loss=0.0)
-                for mode in MODES}
+    per_mode = {mode: dataclasses.replace(base, **overrides, num_steps=args.epochs, early_stop_loss=0.0)
+                for mode, overrides in MODES.items()}
     originals = {t.name: t.param.detach().clone() for t in edit_targets(model, base)}
     logger.info("warm-up call (collects the curvature if the cache is cold)")
     timed_edit(model, tok, requests, per_mode["both"], originals)
