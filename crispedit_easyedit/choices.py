@@ -19,3 +19,7 @@ GRADIENT_PROJECTION_DTYPES: tuple[str, ...] = ("basis", "bfloat16")
 """Precision of the gradient's projection (modes "gradient", "both") or rotation (mode "eigenbasis"): the eigenbasis'
 own dtype, or bfloat16 matmuls (about 4x faster; the step's projection stays in the basis dtype, so "both" and
 "eigenbasis" still leak nothing)."""
+
+EDIT_POSITIONS: tuple[str, ...] = ("all", "subject_last")
+"""Where an edit's gradient reaches the edited weights: every position of the prompt and target (fine-tuning), or
+only the subject's last token (ROME/MEMIT's key position; ``crispedit_easyedit.key_positions``)."""

@@ -6,7 +6,7 @@ edit loss over "context templates": a few short texts sampled from the model its
 prompt. With ``CrispEditHyperParams.context_prefixes`` > 0, each call first samples that many prefixes from the model
 as it is at the call's start (``context_prefix_tokens`` tokens each, top-k sampling from ROME/MEMIT's start words,
 seeded by ``hparams.seed``), and every training epoch adds, per edit, one raw-format example whose prompt follows
-a prefix drawn at random (:func:`prefixed_examples`). The bare examples of ``train_formats`` stay in every epoch,
+a prefix drawn at random (:func:`prefixed_requests`). The bare examples of ``train_formats`` stay in every epoch,
 so the edit is still learned in the form it is asked in. This module never imports EasyEdit or the experiment side.
 """
 
@@ -28,9 +28,6 @@ CONTEXT_STARTS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
 
 TOP_K = 5
 """Each prefix token is drawn from the model's TOP_K most likely next tokens (ROME/MEMIT: 5)."""
-
-Example = tuple[list[int], list[int]]
-
 
 @torch.no_grad()
 def sample_prefix_ids(model: nn.Module, tok: Any, count: int, length: int, seed: int) -> list[list[int]]:
@@ -83,21 +80,14 @@ def prefixed_prompt(prefix: str, prompt: str) -> str:
     return f"{prefix.rstrip().rstrip('.')}. {prompt.lstrip()}"
 
 
-def prefixed_examples(tok: Any, requests: Sequence[Mapping[str, Any]], prefixes: Sequence[str], hparams,
-                      generator: torch.Generator) -> list[Example]:
-    """One raw-format training example per request, its prompt after a prefix drawn uniformly from ``prefixes``
-    with ``generator`` (one draw per request, in request order), tokenised as :func:`editing.tokenize_edit_formatted`
-    does (``hparams.train_eos`` adds the EOS after the target).
+def prefixed_requests(requests: Sequence[Mapping[str, Any]], prefixes: Sequence[str],
+                      generator: torch.Generator) -> list[dict[str, Any]]:
+    """A copy of each request whose prompt follows a prefix drawn uniformly from ``prefixes`` with ``generator``
+    (one draw per request, in request order; :func:`prefixed_prompt`). Empty when ``prefixes`` is empty.
 
-    Returns:
-        A list of ``len(requests)`` (input_ids, labels) pairs; empty when ``prefixes`` is empty.
+    ``editing`` trains them in the "raw" format, one example each per epoch.
     """
-    from .editing import tokenize_edit_formatted
-
     if not prefixes:
         return []
     picks = torch.randint(len(prefixes), (len(requests),), generator=generator).tolist()
-    eos = bool(getattr(hparams, "train_eos", False))
-    return [tokenize_edit_formatted(tok, prefixed_prompt(prefixes[pick], r["prompt"]), r["target_new"], "raw",
-                                    hparams.max_length, eos)
-            for r, pick in zip(requests, picks)]
+    return [dict(r, prompt=prefixed_prompt(prefixes[pick], r["prompt"])) for r, pick in zip(requests, picks)]

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 from .chat_corpus import chat_questions
 from .checks import check_finite_step
-from .context_prefixes import prefixed_examples, sample_context_prefixes
+from .context_prefixes import prefixed_requests, sample_context_prefixes
 from .curvature import (
     FACTOR_DTYPES, FactorSet, check_factors, check_positions, collect_kfac_factors, input_device, model_fingerprint,
     model_inputs, resolve_module, shard_batches, weight_orientation,
 )
+from .key_positions import gradient_only_at, key_mask, key_position
 from .optim import ProjectedAdam, leak_fraction
 from .projector import Eigenbasis, KroneckerProjector, kfac_quadratic_form
 from .retain import retain_examples
@@ -149,17 +150,44 @@ def train_formats(hparams) -> list[str]:
     return list(getattr(hparams, "train_formats", None) or ["raw"])
 
 
-def edit_examples(tok, requests: Sequence[Mapping[str, Any]], hparams) -> list[tuple[list[int], list[int]]]:
-    """The training examples of ``requests``: one per request and format of ``hparams.train_formats`` (default
-    ``["raw"]``), request-major (all formats of request 0, then request 1, ...)."""
-    formats = train_formats(hparams)
+def edit_examples(tok, requests: Sequence[Mapping[str, Any]], hparams,
+                  formats: Sequence[str] | None = None) -> list[tuple[list[int], list[int]]]:
+    """The training examples of ``requests``: one per request and format of ``formats`` (default
+    ``hparams.train_formats``, itself ``["raw"]`` by default), request-major (all formats of request 0, then
+    request 1, ...)."""
+    formats = list(formats) if formats is not None else train_formats(hparams)
     eos = bool(getattr(hparams, "train_eos", False))
     return [tokenize_edit_formatted(tok, r["prompt"], r["target_new"], fmt, hparams.max_length, eos)
             for r in requests for fmt in formats]
 
 
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad examples into (batch, T) ``input_ids``, ``attention_mask`` and ``labels`` tensors.
+def edit_key_positions(tok, requests: Sequence[Mapping[str, Any]], hparams,
+                       examples: Sequence[tuple[list[int], list[int]]],
+                       formats: Sequence[str] | None = None) -> list[int] | None:
+    """The position of each example of :func:`edit_examples` (same requests and formats) through which its gradient
+    reaches the edit weights: the subject's last token under ``hparams.edit_positions`` "subject_last"
+    (:mod:`crispedit_easyedit.key_positions`), None for "all" (every position).
+
+    Raises:
+        ValueError: a request without its subject in its prompt, naming it.
+    """
+    if getattr(hparams, "edit_positions", "all") == "all":
+        return None
+    formats = list(formats) if formats is not None else train_formats(hparams)
+    pairs = [(r, fmt) for r in requests for fmt in formats]
+    positions = []
+    for index, ((request, fmt), example) in enumerate(zip(pairs, examples)):
+        try:
+            positions.append(key_position(tok, request, fmt, example, IGNORE_INDEX))
+        except ValueError as exc:
+            raise ValueError(f"request {index // len(formats)}: {exc}") from exc
+    return positions
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int,
+            keys: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad examples into (batch, T) ``input_ids``, ``attention_mask`` and ``labels`` tensors, and with
+    ``keys`` (one position per example) a (batch, T) bool ``key_mask`` (:func:`key_positions.key_mask`).
 
     The pad id only fills masked positions, so any id (e.g. EOS) works and the vocabulary never grows.
     """
@@ -171,7 +199,10 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dic
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
         labels[row, : len(labs)] = torch.tensor(labs)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if keys is not None:
+        batch["key_mask"] = key_mask(keys, tuple(input_ids.shape))
+    return batch
 
 
 def pad_token_id(tok) -> int:
@@ -333,8 +364,10 @@ class EditReport:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "projectors"}
 
 
-def _batches(examples: Sequence[tuple[list[int], list[int]]], size: int, pad: int) -> list[dict[str, torch.Tensor]]:
-    return [collate(examples[i : i + size], pad) for i in range(0, len(examples), size)]
+def _batches(examples: Sequence[tuple[list[int], list[int]]], size: int, pad: int,
+             keys: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
+    return [collate(examples[i : i + size], pad, None if keys is None else keys[i : i + size])
+            for i in range(0, len(examples), size)]
 
 
 def _retain_batches(retain: Sequence[tuple[list[int], list[int]]], size: int, pad: int,
@@ -356,8 +389,10 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     optimizer; stops early once the epoch's mean edit loss falls below ``hparams.early_stop_loss``. With ``retain``
     examples (:mod:`crispedit_easyedit.retain`) every step adds ``hparams.retain_weight`` times the loss of one
     minibatch of them. With context ``prefixes`` (:mod:`crispedit_easyedit.context_prefixes`) every epoch adds one
-    raw example per edit, its prompt after a prefix drawn anew for that epoch. The caller handles requires_grad flags
-    and restoration.
+    raw example per edit, its prompt after a prefix drawn anew for that epoch. Under ``hparams.edit_positions``
+    "subject_last" the edit loss reaches the edit weights only through each example's subject position
+    (:mod:`crispedit_easyedit.key_positions`; retain examples keep every position). The caller handles
+    requires_grad flags and restoration.
 
     Returns:
         (epochs run, optimizer steps, mean loss per epoch).
@@ -367,6 +402,8 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     """
     device = input_device(model)  # the embedding's device (not an edited layer's, under device_map)
     bare_examples = edit_examples(tok, requests, hparams)
+    bare_keys = edit_key_positions(tok, requests, hparams, bare_examples)
+    key_modules = [resolve_module(model, t.name) for t in targets] if bare_keys is not None else []
     prefix_generator = torch.Generator().manual_seed(hparams.seed + 2)
     pad = pad_token_id(tok)
     mode = "none" if projectors is None else hparams.projection_mode
@@ -385,13 +422,18 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
                      if retain and retain_weight > 0 else None)
     bar = tqdm(range(hparams.num_steps), desc="CrispEdit epochs", unit="epoch", disable=not progress)
     for _ in bar:
-        examples = bare_examples + prefixed_examples(tok, requests, prefixes, hparams, prefix_generator)
+        prefixed = prefixed_requests(requests, prefixes, prefix_generator)
+        extra = edit_examples(tok, prefixed, hparams, formats=["raw"])
+        examples = bare_examples + extra
+        keys = None if bare_keys is None else bare_keys + edit_key_positions(tok, prefixed, hparams, extra, ["raw"])
         order = torch.randperm(len(examples), generator=generator).tolist()
         total, count = 0.0, 0
-        for batch in _batches([examples[i] for i in order], size, pad):
+        shuffled_keys = None if keys is None else [keys[i] for i in order]
+        for batch in _batches([examples[i] for i in order], size, pad, shuffled_keys):
             batch = {key: value.to(device) for key, value in batch.items()}
             optimizer.zero_grad()
-            loss, n = edit_loss(model, batch)
+            with gradient_only_at(key_modules, batch.pop("key_mask", None)):
+                loss, n = edit_loss(model, batch)
             check_finite_step(loss.detach(), f"edit loss at step {steps + 1}")
             if retain_stream is None:
                 loss.backward()
@@ -468,7 +510,8 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
     from .state import CapabilityCurvature, EditState, UnrecordedChunk, _eigenbases_for, attach_state, layer_devices
 
     targets = check_edit_inputs(model, requests, hparams, factors)
-    edit_examples(tok, requests, hparams)  # a format the tokenizer cannot render fails here, before any work
+    # a format the tokenizer cannot render, or a subject missing from its prompt, fails here, before any work
+    edit_key_positions(tok, requests, hparams, edit_examples(tok, requests, hparams))
     if getattr(hparams, "retain_weight", 0.0):
         chat_questions(hparams.retain_source)  # so does a retain source that is not there
     names = [t.name for t in targets]

@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from .choices import (  # noqa: F401 - re-exported
-    CURVATURE_AT, CURVATURE_FACTORS, FISHER_TYPES, GRADIENT_PROJECTION_DTYPES, PROJECTION_MODES,
+    CURVATURE_AT, CURVATURE_FACTORS, EDIT_POSITIONS, FISHER_TYPES, GRADIENT_PROJECTION_DTYPES, PROJECTION_MODES,
 )
 from .templates import NAMED_FORMATS, check_format
 
@@ -133,6 +133,11 @@ class CrispEditHyperParams:
                                              "joined by '+'.")
     retain_count: int = _f(64, "Questions of the retain loss (each in every train format).")
     retain_answer_tokens: int = _f(24, "At most this many tokens of each retained answer (below max_length).")
+    edit_positions: str = _f("all", "Where the edit loss reaches the edited weights (crispedit_easyedit."
+                                    "key_positions): 'all' positions (fine-tuning), or 'subject_last', only the "
+                                    "last token of each request's 'subject' in its prompt (ROME/MEMIT's key "
+                                    "position), so that the edit is keyed on the subject rather than on the "
+                                    "relation's words other subjects share.")
     context_prefixes: int = _f(0, "Number of context prefixes (crispedit_easyedit.context_prefixes): short texts "
                                   "the model writes at the call's start (seeded, ROME/MEMIT's context templates); "
                                   "every epoch adds one raw example per edit whose prompt follows a prefix drawn "
@@ -270,6 +275,7 @@ class CrispEditHyperParams:
         _check_choice("fisher_type", self.fisher_type, FISHER_TYPES)
         _check_choice("projection_mode", self.projection_mode, PROJECTION_MODES)
         _check_choice("curvature_factors", self.curvature_factors, CURVATURE_FACTORS)
+        _check_choice("edit_positions", self.edit_positions, EDIT_POSITIONS)
         _check_choice("gradient_projection_dtype", self.gradient_projection_dtype, GRADIENT_PROJECTION_DTYPES)
         _check_choice("curvature_at", self.curvature_at, CURVATURE_AT)
         _check_choice("evaluation_type", self.evaluation_type, EVALUATION_TYPES)

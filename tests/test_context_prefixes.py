@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from crispedit_easyedit.context_prefixes import (
-    CONTEXT_STARTS, TOP_K, prefixed_examples, prefixed_prompt, sample_context_prefixes, sample_prefix_ids,
+    CONTEXT_STARTS, TOP_K, prefixed_prompt, prefixed_requests, sample_context_prefixes, sample_prefix_ids,
 )
-from crispedit_easyedit.editing import IGNORE_INDEX, apply_crispedit, tokenize_edit
+from crispedit_easyedit.editing import IGNORE_INDEX, apply_crispedit, edit_examples, tokenize_edit
 from crispedit_easyedit.hparams import CrispEditHyperParams
 from tests.test_editing import FACTS, corpus_factors, hparams
 from tests.tiny_models import tiny_llama, tiny_tokenizer
@@ -44,7 +44,9 @@ def test_prefixed_example_labels_exactly_the_target_after_prefix_and_prompt():
     tok = tiny_tokenizer()
     prefixes = ["The river was wide", "Because it rained"]
     hp = hparams(max_length=64, train_eos=True)
-    examples = prefixed_examples(tok, FACTS, prefixes, hp, torch.Generator().manual_seed(0))
+    requests = prefixed_requests(FACTS, prefixes, torch.Generator().manual_seed(0))
+    assert [dict(r, prompt=f["prompt"]) for r, f in zip(requests, FACTS)] == FACTS  # only the prompt changes
+    examples = edit_examples(tok, requests, hp, formats=["raw"])
     assert len(examples) == len(FACTS)
     for fact, (ids, labels) in zip(FACTS, examples):
         bare_ids, bare_labels = tokenize_edit(tok, fact["prompt"], fact["target_new"], 64)
@@ -53,17 +55,16 @@ def test_prefixed_example_labels_exactly_the_target_after_prefix_and_prompt():
         prompt_ids = ids[: len(ids) - len(target) - 1]
         text = tok.decode(prompt_ids)
         assert any(text == prefixed_prompt(p, fact["prompt"]) for p in prefixes), text
-    assert prefixed_examples(tok, FACTS, [], hp, torch.Generator()) == []
+    assert prefixed_requests(FACTS, [], torch.Generator()) == []
 
 
 def test_prefix_draws_cover_the_pool_and_follow_the_generator():
-    tok = tiny_tokenizer()
     prefixes = ["The one", "I two", "You three"]
     requests = FACTS * 10
-    first = prefixed_examples(tok, requests, prefixes, hparams(max_length=64), torch.Generator().manual_seed(1))
-    again = prefixed_examples(tok, requests, prefixes, hparams(max_length=64), torch.Generator().manual_seed(1))
+    first = prefixed_requests(requests, prefixes, torch.Generator().manual_seed(1))
+    again = prefixed_requests(requests, prefixes, torch.Generator().manual_seed(1))
     assert first == again
-    used = {p for p in prefixes for ids, _ in first if tok.decode(ids).startswith(p + ".")}
+    used = {p for p in prefixes for r in first if r["prompt"].startswith(p + ".")}
     assert used == set(prefixes)
 
 
