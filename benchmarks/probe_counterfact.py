@@ -1,0 +1,96 @@
+"""A quick probe of CrispEdit settings on a few CounterFact edits (minutes, not the harness's hour).
+
+For each setting (a JSON object of hparams overrides on hparams/CrispEdit/SmolLM2-135M-Instruct.yaml) the same
+records are edited from the base weights with a fresh edit state, and four numbers are printed:
+
+* reliability: teacher-forced token accuracy of ``target_new`` after the prompt;
+* paraphrase: the same after each paraphrase prompt;
+* neighbourhood: the same after each neighbourhood prompt (other subjects, same relation): how often the *new*
+  target leaked to them (lower is better; the unedited model's value is the floor);
+* perplexity of 8 x 128 held-out Wikipedia tokens.
+
+It is for choosing what to run through the harness (``crispedit-bench``), whose evaluation is the reference.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/probe_counterfact.py --count 32 \
+        '{"edit_positions": "all"}' '{"edit_positions": "subject_last", "lr": 2e-3}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact.json"  # ../shared/data beside the repo
+HPARAMS = REPO_ROOT / "hparams" / "CrispEdit" / "SmolLM2-135M-Instruct.yaml"
+
+logger = logging.getLogger("probe_counterfact")
+
+
+def as_list(value) -> list[str]:
+    return value if isinstance(value, list) else [value]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("settings", nargs="+", help="JSON objects of hparams overrides, one per setting")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--count", type=int, default=32)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    from crispedit_easyedit.bench.data import load_requests
+    from crispedit_easyedit.bench.evaluation import perplexity
+    from crispedit_easyedit.bench.models import load_model_and_tokenizer
+    from crispedit_easyedit.corpora import load_corpus, spread_windows
+    from crispedit_easyedit.editing import IGNORE_INDEX, apply_crispedit, tokenize_edit
+    from crispedit_easyedit.hparams import CrispEditHyperParams
+    from crispedit_easyedit.state import reset_edit_state
+
+    model, tok = load_model_and_tokenizer("smollm2-135m-instruct-offline")
+    requests = load_requests("counterfact", args.data, args.start, args.count).requests
+    heldout = spread_windows(load_corpus("wikipedia-offline", split="heldout"), tok, 128, 8)
+    heldout_batches = [{k: v[i : i + 4] for k, v in heldout.items()} for i in (0, 4)]
+
+    def accuracy(prompt: str, target: str) -> float:
+        ids, labels = tokenize_edit(tok, prompt, target, 128)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        labels = torch.tensor(labels[1:])
+        counted = labels != IGNORE_INDEX
+        return float((logits[counted].argmax(-1) == labels[counted]).float().mean())
+
+    def measure() -> dict[str, float]:
+        para = [accuracy(p, r["target_new"]) for r in requests for p in as_list(r["rephrase_prompt"])]
+        neighbours = [accuracy(p, r["target_new"]) for r in requests
+                      for p in as_list(r["locality"]["neighborhood"]["prompt"])]
+        return {"reliability": round(sum(accuracy(r["prompt"], r["target_new"]) for r in requests) / len(requests), 3),
+                "paraphrase": round(sum(para) / len(para), 3),
+                "neighbourhood_new_target": round(sum(neighbours) / len(neighbours), 3),
+                "perplexity": round(perplexity(model, heldout_batches, show_progress=False), 3)}
+
+    base = CrispEditHyperParams.from_hparams(HPARAMS)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters() if "down_proj" in n}
+    print(json.dumps({"setting": "before", **measure()}), flush=True)
+    for spec in args.settings:
+        overrides = json.loads(spec)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in originals:
+                    param.copy_(originals[name])
+        reset_edit_state(model)
+        started = time.time()
+        report = apply_crispedit(model, tok, requests, dataclasses.replace(base, **overrides), progress=False)
+        print(json.dumps({"setting": overrides, "epochs": report.epochs, "final_loss": round(report.final_loss, 4),
+                          **measure(), "seconds": round(time.time() - started)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
