@@ -9,8 +9,8 @@ ratios, because the machines this runs on are shared and noisy:
    model), (b) with only the five edited weights requiring grad (the fairer comparison for editing).
    Goal: collection <= 1.1x a plain forward+backward of the edit weights (issue 11).
 2. One projected Adam step (``ProjectedAdam`` modes "both" and "eigenbasis", each also with the gradient projected
-   in bf16 as ``gradient_projection_dtype: bfloat16`` does; projectors from the factors just collected) relative to a plain ``torch.optim.Adam`` step over the same weights plus a forward+backward of a batch
-   of ZsRE edits.
+   in bf16 as ``gradient_projection_dtype: bfloat16`` does; projectors from the factors just collected) relative
+   to a plain ``torch.optim.Adam`` step over the same weights plus a forward+backward of a batch of ZsRE edits.
    Step overhead = (projected step - plain step) / (plain step + forward/backward). Goal: <= 10 %.
 3. Random SPD factors of a big down-projection (Llama-3-8B: d_out 4096, d_in 14336): eigendecomposition time of
    each factor, and one projected step (two projections in "both" mode, one rotation and one unrotation in

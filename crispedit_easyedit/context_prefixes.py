@@ -29,6 +29,7 @@ CONTEXT_STARTS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
 TOP_K = 5
 """Each prefix token is drawn from the model's TOP_K most likely next tokens (ROME/MEMIT: 5)."""
 
+
 @torch.no_grad()
 def sample_prefix_ids(model: nn.Module, tok: Any, count: int, length: int, seed: int) -> list[list[int]]:
     """Token ids of ``count`` prefixes: a start word of :data:`CONTEXT_STARTS` (in turn, with the tokenizer's special

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crispedit_easyedit.editing import (
-    IGNORE_INDEX, apply_crispedit, collate, edit_examples, edit_key_positions, edit_loss, edit_targets,
+    apply_crispedit, collate, edit_examples, edit_key_positions, edit_loss, edit_targets,
 )
 from crispedit_easyedit.hparams import CrispEditHyperParams
 from crispedit_easyedit.key_positions import gradient_only_at, subject_last_token
