@@ -6,8 +6,8 @@ loads the capability curvature and eigenbases from the warm disk cache, builds i
 report, as a user's single ``edit`` call does. Early stopping is off, so every mode runs exactly ``--epochs`` epochs
 (the same optimizer steps). Modes: "none" (fine-tuning: the harness's ``ft``), "both" (the default),
 "eigenbasis", and both of these with ``gradient_projection_dtype: bfloat16``. Repetitions are interleaved (none,
-both, eigenbasis, ..., none, ...) and medians compared, because these
-machines are shared. Goal (issue 11): CrispEdit <= 1.15x fine-tuning.
+both, eigenbasis, ..., none, ...) and medians compared, because these machines are shared. Goal (issue 11):
+CrispEdit <= 1.15x fine-tuning.
 
 Reported per mode: the call's wall time, its training part (``EditReport.seconds_editing``) and its curvature part
 (``seconds_curvature``: loading the cached factors and eigenbases); ratios to "none" of the medians and the median of

@@ -3,7 +3,8 @@
 For each setting (a JSON object of hparams overrides on hparams/CrispEdit/SmolLM2-135M-Instruct.yaml) the same
 records are edited from the base weights with a fresh edit state, and four numbers are printed:
 
-* reliability: teacher-forced token accuracy of ``target_new`` after the prompt;
+* reliability: teacher-forced token accuracy of ``target_new`` after the prompt
+  (``bench.evaluation.teacher_forced_accuracy``, EasyEdit's token_em);
 * paraphrase: the same after each paraphrase prompt;
 * neighbourhood: the same after each neighbourhood prompt (other subjects, same relation): how often the *new*
   target leaked to them (lower is better; the unedited model's value is the floor);
@@ -47,10 +48,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     from crispedit_easyedit.bench.data import load_requests
-    from crispedit_easyedit.bench.evaluation import perplexity
+    from crispedit_easyedit.bench.evaluation import perplexity, teacher_forced_accuracy
     from crispedit_easyedit.bench.models import load_model_and_tokenizer
     from crispedit_easyedit.corpora import load_corpus, spread_windows
-    from crispedit_easyedit.editing import IGNORE_INDEX, apply_crispedit, tokenize_edit
+    from crispedit_easyedit.editing import apply_crispedit
     from crispedit_easyedit.hparams import CrispEditHyperParams
     from crispedit_easyedit.state import reset_edit_state
 
@@ -59,21 +60,17 @@ def main(argv=None) -> None:
     heldout = spread_windows(load_corpus("wikipedia-offline", split="heldout"), tok, 128, 8)
     heldout_batches = [{k: v[i : i + 4] for k, v in heldout.items()} for i in (0, 4)]
 
-    def accuracy(prompt: str, target: str) -> float:
-        ids, labels = tokenize_edit(tok, prompt, target, 128)
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
-        labels = torch.tensor(labels[1:])
-        counted = labels != IGNORE_INDEX
-        return float((logits[counted].argmax(-1) == labels[counted]).float().mean())
+    def mean_accuracy(pairs: list[tuple[str, str]]) -> float:
+        """Mean teacher-forced token accuracy (EasyEdit's token_em) of (prompt, target) pairs."""
+        scores = teacher_forced_accuracy(model, tok, [p for p, _ in pairs], [t for _, t in pairs])
+        return round(sum(scores) / len(scores), 3)
 
     def measure() -> dict[str, float]:
-        para = [accuracy(p, r["target_new"]) for r in requests for p in as_list(r["rephrase_prompt"])]
-        neighbours = [accuracy(p, r["target_new"]) for r in requests
-                      for p in as_list(r["locality"]["neighborhood"]["prompt"])]
-        return {"reliability": round(sum(accuracy(r["prompt"], r["target_new"]) for r in requests) / len(requests), 3),
-                "paraphrase": round(sum(para) / len(para), 3),
-                "neighbourhood_new_target": round(sum(neighbours) / len(neighbours), 3),
+        return {"reliability": mean_accuracy([(r["prompt"], r["target_new"]) for r in requests]),
+                "paraphrase": mean_accuracy([(p, r["target_new"]) for r in requests
+                                             for p in as_list(r["rephrase_prompt"])]),
+                "neighbourhood_new_target": mean_accuracy([(p, r["target_new"]) for r in requests
+                                                           for p in as_list(r["locality"]["neighborhood"]["prompt"])]),
                 "perplexity": round(perplexity(model, heldout_batches, show_progress=False), 3)}
 
     base = CrispEditHyperParams.from_hparams(HPARAMS)

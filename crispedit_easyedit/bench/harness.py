@@ -21,8 +21,9 @@ A row (:data:`ROW_KEYS`): ``schema``, ``method``, ``setting`` (the method overri
 range, counts, content hash), ``receipts`` (one per method call), ``before``/``after`` (every metric),
 ``comparison`` (``job.comparison_rows``), ``retention`` (sequential runs, else None), ``seconds`` per phase,
 ``memory`` (the process's peak so far, and ``runs_in_process``: in a multirun the peak includes earlier runs of the
-same process), ``factbook_probes`` (asked, pool, dropped as leaking), ``factbook_changes`` (the probes an edit got wrong or right,
-with both answers: ``probes.probe_changes``; None without probes), ``before_cache`` and ``finished``. Paths in a row are relative (``job.portable_path``); nothing absolute.
+same process), ``factbook_probes`` (asked, pool, dropped as leaking), ``factbook_changes`` (the probes an edit got
+wrong or right, with both answers: ``probes.probe_changes``; None without probes), ``before_cache`` and
+``finished``. Paths in a row are relative (``job.portable_path``); nothing absolute.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 ROW_SCHEMA_VERSION = 1
 ROW_KEYS = ("schema", "method", "setting", "seed", "config", "environment", "records", "receipts", "before",
-            "after", "comparison", "retention", "seconds", "memory", "factbook_probes", "factbook_changes", "before_cache", "finished")
+            "after", "comparison", "retention", "seconds", "memory", "factbook_probes", "factbook_changes",
+            "before_cache", "finished")
 RECEIPT_KEYS = ("method", "settings", "seconds", "n_requests")
 """Keys every method's receipt has (``methods.base``)."""
 
