@@ -28,18 +28,15 @@ _FALLBACK_TEXT = (
 )
 
 
+TOKENIZER_TEXT = Path(__file__).resolve().parent / "fixtures" / "tiny_tokenizer_text.jsonl"
+"""The tiny tokenizer's training sentences: prompt, targets and rephrase of CounterFact records 0-399 and ZsRE
+``zsre_train.json`` records 0-399 (one JSON string per line), kept in the repository so that the tokenizer, and every
+test built on it, is the same with or without ``../shared/data``."""
+
+
 def training_text() -> list[str]:
-    """Real benchmark sentences to train the tiny tokenizer on (fallback text if shared/data is absent)."""
-    lines = [_FALLBACK_TEXT]
-    path = SHARED_DATA / "counterfact.json"
-    if path.exists():
-        for rec in json.loads(path.read_text())[:400]:
-            lines.append(f"{rec['prompt']} {rec['target_new']} {rec['ground_truth']} {rec['rephrase_prompt']}")
-    path = SHARED_DATA / "zsre_train.json"
-    if path.exists():
-        for rec in json.loads(path.read_text())[:400]:
-            lines.append(f"{rec['src']} {rec['alt']} {rec['rephrase']} {rec['loc']} {rec['loc_ans']}")
-    return lines
+    """Real benchmark sentences to train the tiny tokenizer on (:data:`TOKENIZER_TEXT`)."""
+    return [_FALLBACK_TEXT] + [json.loads(line) for line in TOKENIZER_TEXT.read_text(encoding="utf-8").splitlines()]
 
 
 @functools.lru_cache(maxsize=None)
