@@ -43,8 +43,8 @@ DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "bench_edit_time.jsonl"
 DEFAULT_HPARAMS = REPO_ROOT / "hparams" / "CrispEdit" / "SmolLM2-135M-Instruct.yaml"
 MODES: dict[str, dict[str, str]] = {  # label -> hparams overrides
     "none": {"projection_mode": "none"},
-    "both": {"projection_mode": "both"},
-    "eigenbasis": {"projection_mode": "eigenbasis"},
+    "both": {"projection_mode": "both", "gradient_projection_dtype": "basis"},
+    "eigenbasis": {"projection_mode": "eigenbasis", "gradient_projection_dtype": "basis"},
     "both+bf16-gradient": {"projection_mode": "both", "gradient_projection_dtype": "bfloat16"},
     "eigenbasis+bf16-gradient": {"projection_mode": "eigenbasis", "gradient_projection_dtype": "bfloat16"},
 }

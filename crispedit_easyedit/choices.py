@@ -15,10 +15,11 @@ CURVATURE_FACTORS: tuple[str, ...] = ("kfac", "activation")
 covariance alone (Adam-NSCL's / AlphaEdit's input-side nullspace, paper Proposition 1): whole eigendirections of A
 are removed, for every output row alike."""
 
-GRADIENT_PROJECTION_DTYPES: tuple[str, ...] = ("basis", "bfloat16")
+GRADIENT_PROJECTION_DTYPES: tuple[str, ...] = ("basis", "bfloat16", "auto")
 """Precision of the gradient's projection (modes "gradient", "both") or rotation (mode "eigenbasis"): the eigenbasis'
-own dtype, or bfloat16 matmuls (about 4x faster; the step's projection stays in the basis dtype, so "both" and
-"eigenbasis" still leak nothing)."""
+own dtype, bfloat16 matmuls (about 4x faster with native bf16; the step's projection stays in the basis dtype, so
+"both" and "eigenbasis" still leak nothing), or "auto": bfloat16 where the device multiplies it natively, else the
+basis dtype (``crispedit_easyedit.precision``)."""
 
 EDIT_POSITIONS: tuple[str, ...] = ("all", "subject_last")
 """Where an edit's gradient reaches the edited weights: every position of the prompt and target (fine-tuning), or

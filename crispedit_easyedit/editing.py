@@ -29,6 +29,7 @@ from .curvature import (
 )
 from .key_positions import gradient_only_at, key_mask, key_position
 from .optim import ProjectedAdam, leak_fraction
+from .precision import gradient_projection_dtype
 from .projector import Eigenbasis, KroneckerProjector, kfac_quadratic_form
 from .retain import retain_examples
 from .templates import chat_answer_suffix, prompt_text
@@ -36,10 +37,6 @@ from .templates import chat_answer_suffix, prompt_text
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-
-GRADIENT_DTYPES: dict[str, torch.dtype | None] = {"basis": None, "bfloat16": torch.bfloat16}
-"""``hparams.gradient_projection_dtype`` -> the dtype of the gradient's projection (None: the eigenbasis' own)."""
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Requests -> token ids
@@ -327,6 +324,7 @@ class EditReport:
     final_loss: float = float("nan")
     loss_history: list[float] = field(default_factory=list)
     projection_mode: str = "both"
+    gradient_projection_dtype: str = ""
     gamma: float = 0.0
     chunks: int = 1
     weights_status: str = "first"
@@ -408,7 +406,7 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     pad = pad_token_id(tok)
     mode = "none" if projectors is None else hparams.projection_mode
     projections = [None if projectors is None else _projection_fn(t, projectors[t.name], mode) for t in targets]
-    low = GRADIENT_DTYPES[getattr(hparams, "gradient_projection_dtype", "basis")]
+    low = gradient_projection_dtype(getattr(hparams, "gradient_projection_dtype", "basis"), targets[0].param.device)
     gradient_projections = None if projectors is None or low is None else [
         _projection_fn(t, projectors[t.name].in_dtype(low), mode) for t in targets]
     optimizer = ProjectedAdam([t.param for t in targets], projections, mode=mode, lr=hparams.lr,
@@ -518,7 +516,9 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
     originals = {t.name: t.param.detach().clone() for t in targets}
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
+    low = gradient_projection_dtype(getattr(hparams, "gradient_projection_dtype", "basis"), targets[0].param.device)
     report = EditReport(num_edits=len(requests), projection_mode=hparams.projection_mode,
+                        gradient_projection_dtype=str(low or FACTOR_DTYPES[hparams.mom2_dtype]).split(".")[-1],
                         gamma=hparams.energy_threshold)
     state, checkpoint = None, None
     try:

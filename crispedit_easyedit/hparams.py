@@ -166,11 +166,13 @@ class CrispEditHyperParams:
                                       "'both', 'eigenbasis' (Adam's moments on the masked gradient in the "
                                       "Kronecker eigenbasis: no leak, half the cost of 'both'), or 'none' (plain "
                                       "fine-tuning, for ablations).")
-    gradient_projection_dtype: str = _f("basis", "Precision of the gradient's projection ('gradient', 'both') or "
-                                                 "rotation ('eigenbasis'): 'basis' (the eigenbasis' dtype) or "
-                                                 "'bfloat16' (about 4x cheaper matmuls; the step's projection "
-                                                 "stays in the basis dtype, so 'both' and 'eigenbasis' still leak "
-                                                 "nothing).")
+    gradient_projection_dtype: str = _f("auto", "Precision of the gradient's projection ('gradient', 'both') or "
+                                                 "rotation ('eigenbasis'): 'basis' (the eigenbasis' dtype), "
+                                                 "'bfloat16' (about 4x cheaper matmuls with native bf16; the step's "
+                                                 "projection stays in the basis dtype, so 'both' and 'eigenbasis' "
+                                                 "still leak nothing) or 'auto' (bfloat16 where the edit weights' "
+                                                 "device multiplies it natively: AVX512-BF16/AMX CPUs, Ampere+ "
+                                                 "GPUs; else 'basis').")
     curvature_factors: str = _f("kfac", "Which curvature builds the projector: 'kfac' (A (x) S, CrispEdit) or "
                                         "'activation' (A (x) I: the activation covariance alone, Adam-NSCL's "
                                         "input-side nullspace; removes the top-energy eigendirections of A).")

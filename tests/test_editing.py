@@ -174,8 +174,31 @@ def test_plain_finetuning_mode_none():
     assert max(info["leak_fraction"] for info in report.layers.values()) > 0.01
 
 
-def test_every_gradient_projection_dtype_has_a_torch_dtype():
+def test_every_gradient_projection_dtype_resolves_to_a_torch_dtype():
     from crispedit_easyedit.choices import GRADIENT_PROJECTION_DTYPES
-    from crispedit_easyedit.editing import GRADIENT_DTYPES
+    from crispedit_easyedit.precision import GRADIENT_DTYPES, gradient_projection_dtype
 
-    assert tuple(GRADIENT_DTYPES) == GRADIENT_PROJECTION_DTYPES
+    assert set(GRADIENT_DTYPES) | {"auto"} == set(GRADIENT_PROJECTION_DTYPES)
+    for choice in GRADIENT_PROJECTION_DTYPES:
+        assert gradient_projection_dtype(choice, "cpu") in (None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_gradient_dtype_projects_in_bf16_only_on_native_hardware(monkeypatch, native):
+    """'auto' hands bf16 eigenbases to the optimizer exactly when the device multiplies bf16 natively, and the
+    receipt names the dtype that was used."""
+    from crispedit_easyedit import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    cast_to = []
+    original = KroneckerProjector.in_dtype
+    monkeypatch.setattr(KroneckerProjector, "in_dtype",
+                        lambda self, dtype: cast_to.append(dtype) or original(self, dtype))
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    hp = hparams(gradient_projection_dtype="auto", num_steps=80)
+    report = apply_crispedit(model, tok, FACTS, hp, factors=corpus_factors(model, hp, tok), progress=False)
+    assert report.gradient_projection_dtype == ("bfloat16" if native else "float32")
+    assert cast_to == ([torch.bfloat16] * len(hp.layers) if native else [])
+    assert target_accuracy(model, tok, FACTS) == 1.0
+    assert max(info["leak_fraction"] for info in report.layers.values()) < 1e-5
