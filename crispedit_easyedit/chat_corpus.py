@@ -146,9 +146,10 @@ def chat_corpus_key(source: str) -> str:
 
 
 def chat_sequences(source: str, tok: Any, n_tokens: int, seed: int = 0,
-                   max_length: int = 256) -> dict[str, torch.Tensor]:
+                   max_length: int = 256, render: str = "chat") -> dict[str, torch.Tensor]:
     """Chat-formatted questions, drawn without replacement (``random.Random(seed)``) until they hold at least
-    ``n_tokens`` tokens (or the pool is used up), each rendered by the chat template with the generation prompt.
+    ``n_tokens`` tokens (or the pool is used up), each rendered by the chat template with the generation prompt
+    (``render`` "chat") or tokenised as it is, as an edit prompt is (``render`` "raw": completion prompts).
 
     Every row ends with one placeholder token (the pad/EOS id) after the generation prompt: the statistics count a
     position only when its next token is inside the mask, and the last prompt position is the one that predicts the
@@ -160,16 +161,22 @@ def chat_sequences(source: str, tok: Any, n_tokens: int, seed: int = 0,
         mask), T the longest rendered question plus the placeholder (at most ``max_length``, cut from the left).
 
     Raises:
-        ValueError: the tokenizer has no chat template, or ``n_tokens`` < 1.
+        ValueError: the tokenizer has no chat template (``render`` "chat"), ``render`` is neither "chat" nor "raw",
+            or ``n_tokens`` < 1.
     """
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+    if render not in ("chat", "raw"):
+        raise ValueError(f"render must be one of 'chat', 'raw'; got {render!r}")
     questions = chat_questions(source)
     order = random.Random(seed).sample(range(len(questions)), len(questions))
     rows: list[list[int]] = []
     total = 0
     for index in order:
-        ids = list(tok(chat_prompt_text(tok, questions[index]), add_special_tokens=False)["input_ids"])
+        if render == "chat":
+            ids = list(tok(chat_prompt_text(tok, questions[index]), add_special_tokens=False)["input_ids"])
+        else:
+            ids = list(tok(questions[index])["input_ids"])
         ids = (ids + [_pad_id(tok)])[-max_length:]
         rows.append(ids)
         total += len(ids)

@@ -24,3 +24,8 @@ basis dtype (``crispedit_easyedit.precision``)."""
 EDIT_POSITIONS: tuple[str, ...] = ("all", "subject_last")
 """Where an edit's gradient reaches the edited weights: every position of the prompt and target (fine-tuning), or
 only the subject's last token (ROME/MEMIT's key position; ``crispedit_easyedit.key_positions``)."""
+
+MOM2_CHAT_FORMATS: tuple[str, ...] = ("chat", "raw")
+"""How the prompts of ``mom2_chat_source`` are rendered for the capability statistics: through the tokenizer's chat
+template with the generation prompt (questions as users ask them), or as raw text (completion prompts such as
+CounterFact's neighbourhood prompts, whose last position predicts the object)."""

@@ -38,7 +38,8 @@ import torch
 import yaml
 
 from .choices import (  # noqa: F401 - re-exported
-    CURVATURE_AT, CURVATURE_FACTORS, EDIT_POSITIONS, FISHER_TYPES, GRADIENT_PROJECTION_DTYPES, PROJECTION_MODES,
+    CURVATURE_AT, CURVATURE_FACTORS, EDIT_POSITIONS, FISHER_TYPES, GRADIENT_PROJECTION_DTYPES, MOM2_CHAT_FORMATS,
+    PROJECTION_MODES,
 )
 from .templates import NAMED_FORMATS, check_format
 
@@ -155,6 +156,10 @@ class CrispEditHyperParams:
     mom2_chat_source: str = _f("factbook-chat", "Question pool of mom2_chat_fraction: 'factbook-chat' (offline "
                                                 "Factbook questions no probe or edit asks) or a .txt/.jsonl file, "
                                                 "or several joined by '+'.")
+    mom2_chat_format: str = _f("chat", "How mom2_chat_source's prompts are rendered: 'chat' (the chat template "
+                                       "with the generation prompt) or 'raw' (plain completion prompts, e.g. "
+                                       "CounterFact neighbourhood prompts of records neither edited nor evaluated: "
+                                       "their outputs become protected curvature).")
     mom2_chat_answer_tokens: int = _f(0, "With mom2_chat_fraction > 0: when > 0, each chat question is followed "
                                          "by the model's own greedy answer (at most this many tokens) and only the "
                                          "answer's positions are counted; 0 counts the question's positions.")
@@ -287,6 +292,10 @@ class CrispEditHyperParams:
         if self.mom2_chat_answer_tokens >= self.curvature_seq_len:
             raise ValueError(f"mom2_chat_answer_tokens must be below curvature_seq_len ({self.curvature_seq_len}), "
                              f"got {self.mom2_chat_answer_tokens!r}")
+        _check_choice("mom2_chat_format", self.mom2_chat_format, MOM2_CHAT_FORMATS)
+        if self.mom2_chat_format != "chat" and self.mom2_chat_answer_tokens:
+            raise ValueError(f"mom2_chat_answer_tokens {self.mom2_chat_answer_tokens!r} needs mom2_chat_format 'chat' "
+                             f"(the answers are the model's chat answers), got {self.mom2_chat_format!r}")
         if self.mom2_chat_fraction > 0 and self.fisher_type != "mc":
             raise ValueError(f"mom2_chat_fraction {self.mom2_chat_fraction} needs fisher_type 'mc' (the model's own "
                              f"sampled answers are the chat questions' labels), got {self.fisher_type!r}")

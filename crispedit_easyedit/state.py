@@ -112,6 +112,9 @@ def capability_identity(model_fp: Mapping[str, Any], tok, hparams, targets) -> d
         answer_tokens = getattr(hparams, "mom2_chat_answer_tokens", 0)
         if answer_tokens:  # only then: earlier chat caches keep their keys
             corpus += f"|chat_answer_tokens={answer_tokens}"
+        chat_format = getattr(hparams, "mom2_chat_format", "chat")
+        if chat_format != "chat":  # only then: earlier chat caches keep their keys
+            corpus += f"|chat_format={chat_format}"
     weights = {"weights_sha256": model_fp["weights_sha256"], "revision": model_fp.get("revision")}
     return curvature_identity(weights, names, {t.name: t.shape for t in targets}, corpus, hparams.mom2_n_samples,
                               hparams.curvature_seq_len, hparams.fisher_type, hparams.mc_samples, hparams.mom2_dtype,
@@ -150,10 +153,12 @@ def _chat_batches(model, tok, hparams, wiki_tokens: int) -> list[dict[str, torch
         counted = int(packed["loss_mask"].sum())
     else:
         packed = chat_sequences(hparams.mom2_chat_source, tok, n_tokens, seed=hparams.seed,
-                                max_length=hparams.curvature_seq_len)
+                                max_length=hparams.curvature_seq_len,
+                                render=getattr(hparams, "mom2_chat_format", "chat"))
         counted = int(packed["attention_mask"].sum())
-    logger.info("chat-formatted capability questions: %d (%d counted tokens, %.0f%% of the statistics' tokens; %s%s)",
-                packed["input_ids"].shape[0], counted, 100 * fraction, hparams.mom2_chat_source,
+    logger.info("%s capability prompts: %d (%d counted tokens, %.0f%% of the statistics' tokens; %s%s)",
+                getattr(hparams, "mom2_chat_format", "chat"), packed["input_ids"].shape[0], counted, 100 * fraction,
+                hparams.mom2_chat_source,
                 f", the model's answers of at most {answer_tokens} tokens" if answer_tokens else "")
     size = max(hparams.curvature_batch_size, 16)
     return [{key: value[i : i + size] for key, value in packed.items()}

@@ -163,3 +163,43 @@ def test_answer_counted_chat_statistics_are_keyed_and_differ(tmp_path):
     assert not torch.allclose(a[names[0]].A, q[names[0]].A, rtol=1e-3, atol=1e-6)
     with pytest.raises(ValueError, match="mom2_chat_answer_tokens 4 has no effect without mom2_chat_fraction > 0"):
         CrispEditHyperParams(model_name="m", layers=[1], mom2_chat_answer_tokens=4)
+
+
+def test_raw_rendering_tokenises_prompts_as_edit_prompts_and_is_keyed(tmp_path):
+    """mom2_chat_format 'raw': each pool prompt is its own tokens plus the placeholder (no template, so a tokenizer
+    without a chat template works), the statistics differ from the chat-rendered ones, and only then is the format
+    in the cache key."""
+    pool = tmp_path / "neighbours.txt"
+    prompts = ["The mother tongue of Danielle Darrieux is", "Toko Yasuda, the", "Cork encoding is named after"]
+    pool.write_text("\n".join(prompts) + "\n")
+    tok = tiny_tokenizer()
+    assert not getattr(tok, "chat_template", None)
+    packed = chat_corpus.chat_sequences(str(pool), tok, n_tokens=10_000, seed=0, max_length=32, render="raw")
+    rows = {tuple(ids[: int(mask.sum())].tolist()) for ids, mask in zip(packed["input_ids"],
+                                                                       packed["attention_mask"])}
+    assert rows == {tuple(tok(p)["input_ids"] + [tok.pad_token_id]) for p in prompts}
+    with pytest.raises(ValueError, match="render must be one of 'chat', 'raw'; got 'qa'"):
+        chat_corpus.chat_sequences(str(pool), tok, n_tokens=10, render="qa")
+
+    tok, model = chat_tok(), tiny_llama()
+    chat = SimpleNamespace(**{**vars(_hparams(tmp_path, 0.25)), "mom2_chat_source": str(pool)})
+    raw = SimpleNamespace(**{**vars(chat), "mom2_chat_format": "raw"})
+    targets = edit_targets(model, chat)
+    names = [t.name for t in targets]
+    fp = model_fingerprint(model, names)
+    key_chat = state.capability_identity(fp, tok, chat, targets)["corpus"]
+    assert "chat_format" not in key_chat
+    assert state.capability_identity(fp, tok, raw, targets)["corpus"] == key_chat + "|chat_format=raw"
+    a = state._collect_capability(model, tok, raw, targets, progress=False)
+    b = state._collect_capability(model, tok, chat, targets, progress=False)
+    assert not torch.allclose(a[names[0]].A, b[names[0]].A, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(mom2_chat_format="qa"), "mom2_chat_format must be one of 'chat', 'raw'; got 'qa'"),
+    (dict(mom2_chat_fraction=0.2, mom2_chat_format="raw", mom2_chat_answer_tokens=8),
+     "mom2_chat_answer_tokens 8 needs mom2_chat_format 'chat'"),
+])
+def test_bad_pool_format_settings_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        CrispEditHyperParams(model_name="m", layers=[1], **overrides)
