@@ -8,6 +8,8 @@ records are edited from the base weights with a fresh edit state, and four numbe
 * paraphrase: the same after each paraphrase prompt;
 * neighbourhood: the same after each neighbourhood prompt (other subjects, same relation): how often the *new*
   target leaked to them (lower is better; the unedited model's value is the floor);
+* neighbourhood unchanged: the share of the neighbourhood prompts' teacher-forced argmax tokens over their own
+  ground truth left as the unedited model had them (EasyEdit's locality, ``locality_token_agreement``; 1 before);
 * perplexity of 8 x 128 held-out Wikipedia tokens.
 
 It is for choosing what to run through the harness (``crispedit-bench``), whose evaluation is the reference.
@@ -49,6 +51,8 @@ def main(argv=None) -> None:
 
     from crispedit_easyedit.bench.data import load_requests
     from crispedit_easyedit.bench.evaluation import perplexity, teacher_forced_accuracy
+    from crispedit_easyedit.bench.evaluation.teacher_forced import (locality_token_agreement,
+                                                                    teacher_forced_predictions)
     from crispedit_easyedit.bench.models import load_model_and_tokenizer
     from crispedit_easyedit.corpora import load_corpus, spread_windows
     from crispedit_easyedit.editing import apply_crispedit
@@ -65,12 +69,24 @@ def main(argv=None) -> None:
         scores = teacher_forced_accuracy(model, tok, [p for p, _ in pairs], [t for _, t in pairs])
         return round(sum(scores) / len(scores), 3)
 
+    neighbours = [(p, g) for r in requests
+                  for p, g in zip(as_list(r["locality"]["neighborhood"]["prompt"]),
+                                  as_list(r["locality"]["neighborhood"]["ground_truth"]))]
+
+    def neighbour_predictions() -> list[list[int]]:
+        return [p for p, _ in teacher_forced_predictions(model, tok, [p for p, _ in neighbours],
+                                                         [g for _, g in neighbours])]
+
+    neighbours_before = neighbour_predictions()
+
     def measure() -> dict[str, float]:
         return {"reliability": mean_accuracy([(r["prompt"], r["target_new"]) for r in requests]),
                 "paraphrase": mean_accuracy([(p, r["target_new"]) for r in requests
                                              for p in as_list(r["rephrase_prompt"])]),
                 "neighbourhood_new_target": mean_accuracy([(p, r["target_new"]) for r in requests
                                                            for p in as_list(r["locality"]["neighborhood"]["prompt"])]),
+                "neighbourhood_unchanged": round(locality_token_agreement(neighbours_before,
+                                                                          neighbour_predictions()), 3),
                 "perplexity": round(perplexity(model, heldout_batches, show_progress=False), 3)}
 
     base = CrispEditHyperParams.from_hparams(HPARAMS)

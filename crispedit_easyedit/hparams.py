@@ -152,7 +152,8 @@ class CrispEditHyperParams:
     mom2_chat_fraction: float = _f(0.0, "Share of the capability statistics' tokens taken from chat-formatted "
                                         "questions (crispedit_easyedit.chat_corpus), so that answers through the "
                                         "chat template are protected too; in [0, 1), 0 = Wikipedia only. Needs "
-                                        "fisher_type 'mc' and a tokenizer with a chat template.")
+                                        "fisher_type 'mc' (and, with mom2_chat_format 'chat', a tokenizer with a "
+                                        "chat template).")
     mom2_chat_source: str = _f("factbook-chat", "Question pool of mom2_chat_fraction: 'factbook-chat' (offline "
                                                 "Factbook questions no probe or edit asks) or a .txt/.jsonl file, "
                                                 "or several joined by '+'.")

@@ -202,3 +202,26 @@ def test_auto_gradient_dtype_projects_in_bf16_only_on_native_hardware(monkeypatc
     assert cast_to == ([torch.bfloat16] * len(hp.layers) if native else [])
     assert target_accuracy(model, tok, FACTS) == 1.0
     assert max(info["leak_fraction"] for info in report.layers.values()) < 1e-5
+
+
+def test_loss_rise_names_a_diverged_training_and_only_that():
+    from crispedit_easyedit.editing import loss_rise
+
+    diverged = [5.84, 4.17, 3.52, 2.98, 3.97, 5.54, 6.90, 6.05]  # the 100-edit ZsRE run at lr 2e-3, shortened
+    assert loss_rise(diverged) == "the edit loss rose from 2.9800 (epoch 4) to 6.0500 (epoch 8)"
+    assert loss_rise([5.8, 2.0, 1.0, 0.5, 0.2]) is None  # converging
+    assert loss_rise([5.8, 0.02, 0.04]) is None  # doubled, but by less than the margin
+    assert loss_rise([1.0, 1.2, 1.4]) is None  # 1.4x: noise, not divergence
+    assert loss_rise([3.0]) is None and loss_rise([]) is None
+
+
+def test_a_diverging_edit_is_logged_with_its_loss_and_lr(monkeypatch, caplog):
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    hp = hparams(num_steps=3, early_stop_loss=0.0)
+    factors = corpus_factors(model, hp, tok)
+    monkeypatch.setattr(editing, "loss_rise", lambda history: "the edit loss rose from 1 (epoch 1) to 9 (epoch 3)")
+    with caplog.at_level("WARNING", logger="crispedit_easyedit.editing"):
+        apply_crispedit(model, tok, FACTS, hp, factors=factors, progress=False)
+    assert "the edit loss rose from 1 (epoch 1) to 9 (epoch 3); the step size is too large" in caplog.text
+    assert "lower lr (now 0.005)" in caplog.text
