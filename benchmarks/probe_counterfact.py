@@ -1,7 +1,7 @@
 """A quick probe of CrispEdit settings on a few CounterFact edits (minutes, not the harness's hour).
 
 For each setting (a JSON object of hparams overrides on hparams/CrispEdit/SmolLM2-135M-Instruct.yaml) the same
-records are edited from the base weights with a fresh edit state, and four numbers are printed:
+records are edited from the base weights with a fresh edit state, and five numbers are printed:
 
 * reliability: teacher-forced token accuracy of ``target_new`` after the prompt
   (``bench.evaluation.teacher_forced_accuracy``, EasyEdit's token_em);
