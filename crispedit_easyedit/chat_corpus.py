@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .choices import MOM2_CHAT_FORMATS
 from .templates import chat_prompt_text
 
 FACTBOOK_CHAT = "factbook-chat"
@@ -166,8 +167,8 @@ def chat_sequences(source: str, tok: Any, n_tokens: int, seed: int = 0,
     """
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
-    if render not in ("chat", "raw"):
-        raise ValueError(f"render must be one of 'chat', 'raw'; got {render!r}")
+    if render not in MOM2_CHAT_FORMATS:
+        raise ValueError(f"render must be one of {', '.join(repr(f) for f in MOM2_CHAT_FORMATS)}; got {render!r}")
     questions = chat_questions(source)
     order = random.Random(seed).sample(range(len(questions)), len(questions))
     rows: list[list[int]] = []

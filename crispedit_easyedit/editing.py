@@ -376,6 +376,11 @@ def _retain_batches(retain: Sequence[tuple[list[int], list[int]]], size: int, pa
         yield from _batches([retain[i] for i in order], size, pad)
 
 
+def _gradient_dtype(hparams, targets: Sequence[EditTarget]) -> torch.dtype | None:
+    """``hparams.gradient_projection_dtype`` resolved on the edit weights' device (None: the eigenbasis' dtype)."""
+    return gradient_projection_dtype(getattr(hparams, "gradient_projection_dtype", "basis"), targets[0].param.device)
+
+
 def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], hparams,
                        targets: Sequence[EditTarget], projectors: Mapping[str, KroneckerProjector] | None,
                        progress: bool = True,
@@ -406,7 +411,7 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     pad = pad_token_id(tok)
     mode = "none" if projectors is None else hparams.projection_mode
     projections = [None if projectors is None else _projection_fn(t, projectors[t.name], mode) for t in targets]
-    low = gradient_projection_dtype(getattr(hparams, "gradient_projection_dtype", "basis"), targets[0].param.device)
+    low = _gradient_dtype(hparams, targets)
     gradient_projections = None if projectors is None or low is None else [
         _projection_fn(t, projectors[t.name].in_dtype(low), mode) for t in targets]
     optimizer = ProjectedAdam([t.param for t in targets], projections, mode=mode, lr=hparams.lr,
@@ -534,9 +539,9 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
     originals = {t.name: t.param.detach().clone() for t in targets}
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
-    low = gradient_projection_dtype(getattr(hparams, "gradient_projection_dtype", "basis"), targets[0].param.device)
+    gradient_dtype = _gradient_dtype(hparams, targets) or FACTOR_DTYPES[hparams.mom2_dtype]
     report = EditReport(num_edits=len(requests), projection_mode=hparams.projection_mode,
-                        gradient_projection_dtype=str(low or FACTOR_DTYPES[hparams.mom2_dtype]).split(".")[-1],
+                        gradient_projection_dtype=str(gradient_dtype).removeprefix("torch."),
                         gamma=hparams.energy_threshold)
     state, checkpoint = None, None
     try:

@@ -147,17 +147,17 @@ def _chat_batches(model, tok, hparams, wiki_tokens: int) -> list[dict[str, torch
 
     n_tokens = max(1, round(wiki_tokens * fraction / (1.0 - fraction)))
     answer_tokens = getattr(hparams, "mom2_chat_answer_tokens", 0)
+    chat_format = getattr(hparams, "mom2_chat_format", "chat")
     if answer_tokens:
         packed = chat_answer_sequences(model, tok, hparams.mom2_chat_source, n_tokens, answer_tokens,
                                        seed=hparams.seed, max_length=hparams.curvature_seq_len)
         counted = int(packed["loss_mask"].sum())
     else:
         packed = chat_sequences(hparams.mom2_chat_source, tok, n_tokens, seed=hparams.seed,
-                                max_length=hparams.curvature_seq_len,
-                                render=getattr(hparams, "mom2_chat_format", "chat"))
+                                max_length=hparams.curvature_seq_len, render=chat_format)
         counted = int(packed["attention_mask"].sum())
     logger.info("%s capability prompts: %d (%d counted tokens, %.0f%% of the statistics' tokens; %s%s)",
-                getattr(hparams, "mom2_chat_format", "chat"), packed["input_ids"].shape[0], counted, 100 * fraction,
+                chat_format, packed["input_ids"].shape[0], counted, 100 * fraction,
                 hparams.mom2_chat_source,
                 f", the model's answers of at most {answer_tokens} tokens" if answer_tokens else "")
     size = max(hparams.curvature_batch_size, 16)
