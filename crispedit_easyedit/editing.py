@@ -368,6 +368,36 @@ def _batches(examples: Sequence[tuple[list[int], list[int]]], size: int, pad: in
             for i in range(0, len(examples), size)]
 
 
+def _per_edit(n_requests: int, bare: Sequence[tuple[list[int], list[int]]], bare_keys: Sequence[int] | None,
+              extra: Sequence[tuple[list[int], list[int]]], extra_keys: Sequence[int] | None,
+              ) -> list[list[tuple[tuple[list[int], list[int]], int | None]]]:
+    """Each request's training examples with their key positions (None: every position): its examples in every
+    train format (``bare``, request-major as :func:`edit_examples` makes them), then its prefixed raw example of
+    this epoch (``extra``, one per request, or none)."""
+    per_request = len(bare) // n_requests
+    groups = []
+    for index in range(n_requests):
+        span = range(index * per_request, (index + 1) * per_request)
+        group = [(bare[i], None if bare_keys is None else bare_keys[i]) for i in span]
+        if extra:
+            group.append((extra[index], None if extra_keys is None else extra_keys[index]))
+        groups.append(group)
+    return groups
+
+
+def _edit_batches(groups: Sequence[Sequence[tuple[tuple[list[int], list[int]], int | None]]], size: int, pad: int,
+                  keyed: bool) -> list[dict[str, torch.Tensor]]:
+    """Minibatches of ``size`` edits, each with all of its examples (formats and context prefix; :func:`_per_edit`),
+    so that the optimiser steps per epoch are ceil(edits / size) whatever the formats; ``keyed``: pass each
+    example's key position to :func:`collate`."""
+    batches = []
+    for start in range(0, len(groups), size):
+        pairs = [pair for group in groups[start : start + size] for pair in group]
+        batches.append(collate([example for example, _ in pairs], pad,
+                               [key for _, key in pairs] if keyed else None))
+    return batches
+
+
 def _retain_batches(retain: Sequence[tuple[list[int], list[int]]], size: int, pad: int,
                     generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
     """Endless minibatches of the retain examples, reshuffled at every pass."""
@@ -388,8 +418,8 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
                        prefixes: Sequence[str] = ()) -> tuple[int, int, list[float]]:
     """Fine-tune the target weights on prompt -> target_new with projected Adam (hparams.projection_mode).
 
-    Up to ``hparams.num_steps`` epochs of shuffled minibatches of ``hparams.train_batch_size`` edits, with a fresh
-    optimizer; stops early once the epoch's mean edit loss falls below ``hparams.early_stop_loss``. With ``retain``
+    Up to ``hparams.num_steps`` epochs of shuffled minibatches of ``hparams.train_batch_size`` edits (each edit with
+    all of its examples: one per train format, plus its prefixed example), with a fresh optimizer; stops early once the epoch's mean edit loss falls below ``hparams.early_stop_loss``. With ``retain``
     examples (:mod:`crispedit_easyedit.retain`) every step adds ``hparams.retain_weight`` times the loss of one
     minibatch of them. With context ``prefixes`` (:mod:`crispedit_easyedit.context_prefixes`) every epoch adds one
     raw example per edit, its prompt after a prefix drawn anew for that epoch. Under ``hparams.edit_positions``
@@ -427,12 +457,11 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     for _ in bar:
         prefixed = prefixed_requests(requests, prefixes, prefix_generator)
         extra = edit_examples(tok, prefixed, hparams, formats=["raw"])
-        examples = bare_examples + extra
-        keys = None if bare_keys is None else bare_keys + edit_key_positions(tok, prefixed, hparams, extra, ["raw"])
-        order = torch.randperm(len(examples), generator=generator).tolist()
+        extra_keys = None if bare_keys is None else edit_key_positions(tok, prefixed, hparams, extra, ["raw"])
+        groups = _per_edit(len(requests), bare_examples, bare_keys, extra, extra_keys)
+        order = torch.randperm(len(requests), generator=generator).tolist()
         total, count = 0.0, 0
-        shuffled_keys = None if keys is None else [keys[i] for i in order]
-        for batch in _batches([examples[i] for i in order], size, pad, shuffled_keys):
+        for batch in _edit_batches([groups[i] for i in order], size, pad, bare_keys is not None):
             batch = {key: value.to(device) for key, value in batch.items()}
             optimizer.zero_grad()
             with gradient_only_at(key_modules, batch.pop("key_mask", None)):

@@ -120,7 +120,8 @@ class CrispEditHyperParams:
                                        "crispedit_easyedit.templates): 'raw' (the prompt as is), 'qa' (the "
                                        "paper's WILD QA context), 'chat' (the tokenizer's chat template, the "
                                        "target as the assistant turn plus end-of-turn) or a format string "
-                                       "holding {prompt}. Default ['raw'].",
+                                       "holding {prompt}. Default ['raw']. An edit's examples share its minibatch, so "
+                                       "the steps per epoch do not grow with the formats.",
                                   default_factory=lambda: ["raw"])
     train_eos: bool = _f(False, "Learn the tokenizer's EOS after the target in the 'raw', 'qa' and format-string "
                                 "formats, so that generation stops after the answer ('chat' always learns its "

@@ -84,7 +84,7 @@ def test_each_epoch_adds_one_prefixed_example_per_edit_and_the_report_lists_the_
         steps[count] = report.steps
         assert len(report.context_prefixes) == count
         assert f"{count} context prefixes" in report.summary()
-    assert steps == {0: 3 * 2, 3: 3 * 4}  # 4 edits (+ 4 prefixed) in minibatches of 2, 3 epochs
+    assert steps == {0: 3 * 2, 3: 3 * 2}  # minibatches of 2 edits (each with its prefixed example), 3 epochs
 
 
 @pytest.mark.parametrize("field,value,message", [

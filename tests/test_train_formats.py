@@ -139,7 +139,7 @@ def test_training_in_the_qa_format_makes_the_qa_answer_the_target():
     results = {}
     for formats in (["raw"], ["raw", "qa"]):
         model = tiny_llama()
-        hp = hparams(train_formats=formats, train_eos=True, projection_mode="none", num_steps=120, max_length=64)
+        hp = hparams(train_formats=formats, train_eos=True, projection_mode="none", num_steps=240, max_length=64)
         apply_crispedit(model, tok, facts, hp, factors=corpus_factors(model, hp, tok), progress=False)
         results[tuple(formats)] = qa_answers(model, tok, facts)
     targets = [f["target_new"] for f in facts]
@@ -159,3 +159,32 @@ def test_a_format_string_with_other_fields_is_named():
     with pytest.raises(ValueError, match="is not a valid format string"):
         check_format("{prompt} and {answer}")
     check_format("Q: {prompt} {{literal}}")  # doubled braces are text
+
+
+def test_a_minibatch_holds_train_batch_size_edits_with_all_their_formats(monkeypatch):
+    """train_batch_size counts edits, not examples: with two formats, 3 edits in minibatches of 2 take 2 steps per
+    epoch (not 3), and each step's rows are both formats of the same edits."""
+    import crispedit_easyedit.editing as editing
+
+    tok = tiny_tokenizer()
+    facts = FACTS[:3]
+    hp = hparams(train_formats=["raw", "qa"], train_eos=False, projection_mode="none", num_steps=2,
+                 early_stop_loss=0.0, train_batch_size=2, max_length=64)
+    by_example = {tuple(ids): index // 2 for index, (ids, _) in enumerate(edit_examples(tok, facts, hp))}
+    steps = []
+    real_loss = editing.edit_loss
+
+    def spy(model, batch):
+        rows = [tuple(int(t) for t, keep in zip(ids, mask) if keep)
+                for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        steps.append(sorted(by_example[row] for row in rows))
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(editing, "edit_loss", spy)
+    model = tiny_llama()
+    report = apply_crispedit(model, tok, facts, hp, factors=corpus_factors(model, hp, tok), progress=False)
+    assert report.steps == 2 * 2
+    for epoch in (steps[:2], steps[2:]):
+        assert sorted(edit for step in epoch for edit in step) == [0, 0, 1, 1, 2, 2]
+        assert all(step.count(edit) == 2 for step in epoch for edit in step)  # both formats of each edit
+        assert sorted(len(step) for step in epoch) == [2, 4]
