@@ -129,6 +129,18 @@ def test_plots_are_made_only_for_the_sweeps_in_the_file(tmp_path):
     assert [r.gamma for r in series["crispedit (default) zsre n=10"]] == [0.5, 0.8, 0.95]
 
 
+def test_the_retention_table_shows_each_chunk_after_the_last_and_the_first_chunk_over_time(tmp_path):
+    retention = {"chunk_size": 5, "n_chunks": 3, "before": [0.1, 0.2, 0.3],
+                 "after_chunk": [[0.9], [0.8, 0.95], [0.7, 0.85, 1.0]]}
+    seq = report.summarize(fake_row("crispedit-seq", "chunk_size=5", retention=retention))
+    line = report.retention_table([seq]).splitlines()[2]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells == ["crispedit-seq", "chunk_size=5", "0", "10", "5", "0.100 / 0.200 / 0.300",
+                     "0.700 / 0.850 / 1.000", "0.900 -> 0.800 -> 0.700", "0.850", "12.5"]
+    report.build_report([fake_row("crispedit-seq", "chunk_size=5", retention=retention)], tmp_path)
+    assert line in (tmp_path / "report.md").read_text()
+
+
 def test_the_tuning_choice_is_the_best_score_within_the_perplexity_bound():
     ft = [fake_row("ft", f"lr={lr}", reliability=r, generalization=g, ppl=(10.0, p))
           for lr, r, g, p in ((1e-4, 0.6, 0.5, 10.05), (5e-4, 0.9, 0.8, 10.15), (1e-3, 1.0, 1.0, 10.5))]

@@ -14,7 +14,8 @@ Plots (PNG beside ``report.md``, only for what the file holds):
   it;
 * ``gamma-sweep.png`` when a method and setting ran at two or more energy thresholds (paper Table 8 analogue);
 * ``n-sweep.png`` when a method and setting ran at two or more numbers of edits (Table 7 analogue);
-* ``retention.png`` for sequential runs: the reliability of each chunk after each later chunk (Figure 7 analogue).
+* ``retention.png`` for sequential runs: the reliability of each chunk after each later chunk (Figure 7 analogue),
+  beside a table of the same numbers and each run's sequential edit seconds.
 """
 
 from __future__ import annotations
@@ -320,11 +321,29 @@ def build_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> Path
         plots.plot_retention(sequential, out / "retention.png")
         lines += ["## Retention in sequential runs", "",
                   "Teacher-forced reliability of each chunk after each later chunk (paper Figure 7 analogue).", "",
-                  "![retention](retention.png)", ""]
+                  retention_table(sequential), "", "![retention](retention.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     logger.info("wrote %s", path)
     return path
+
+
+def retention_table(runs: Sequence[RunSummary]) -> str:
+    """Markdown table of sequential runs: each chunk's teacher-forced reliability before editing and after the last
+    chunk, the first chunk's after every chunk (how fast early edits are forgotten), their mean after the last chunk,
+    and the edit seconds of all chunks (the sequential wall time)."""
+    lines = ["| method | setting | seed | n | chunk size | chunk reliability before | after the last chunk "
+             "(chunk 1 ... last) | chunk 1 after each chunk | mean after the last chunk | edit s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        retention = run.retention
+        last = retention["after_chunk"][-1]
+        first = [after[0] for after in retention["after_chunk"]]
+        lines.append(f"| {run.method} | {run.setting} | {run.seed} | {run.n_edits} | {retention['chunk_size']} | "
+                     f"{' / '.join(_fmt(v) for v in retention['before'])} | {' / '.join(_fmt(v) for v in last)} | "
+                     f"{' -> '.join(_fmt(v) for v in first)} | {_fmt(sum(last) / len(last))} | "
+                     f"{_fmt(run.edit_seconds, 1)} |")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
