@@ -21,7 +21,7 @@ own dtype, bfloat16 matmuls (about 4x faster with native bf16; the step's projec
 "both" and "eigenbasis" still leak nothing), or "auto": bfloat16 where the device multiplies it natively, else the
 basis dtype (``crispedit_easyedit.precision``)."""
 
-EDIT_POSITIONS: tuple[str, ...] = ("all", "subject_last")
+EDIT_POSITIONS: tuple[str, ...] = ("all", "subject_last", "subject_last_only")
 """Where an edit's gradient reaches the edited weights: every position of the prompt and target (fine-tuning), or
 only the subject's last token (ROME/MEMIT's key position; ``crispedit_easyedit.key_positions``)."""
 

@@ -27,7 +27,7 @@ from .curvature import (
     FACTOR_DTYPES, FactorSet, check_factors, check_positions, collect_kfac_factors, input_device, model_fingerprint,
     model_inputs, resolve_module, shard_batches, weight_orientation,
 )
-from .key_positions import gradient_only_at, key_mask, key_position
+from .key_positions import edit_only_at, gradient_only_at, key_mask, key_position
 from .optim import ProjectedAdam, leak_fraction
 from .precision import gradient_projection_dtype
 from .projector import Eigenbasis, KroneckerProjector, kfac_quadratic_form
@@ -415,7 +415,8 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
                        targets: Sequence[EditTarget], projectors: Mapping[str, KroneckerProjector] | None,
                        progress: bool = True,
                        retain: Sequence[tuple[list[int], list[int]]] = (),
-                       prefixes: Sequence[str] = ()) -> tuple[int, int, list[float]]:
+                       prefixes: Sequence[str] = (),
+                       starting_weights: Mapping[str, torch.Tensor] | None = None) -> tuple[int, int, list[float]]:
     """Fine-tune the target weights on prompt -> target_new with projected Adam (hparams.projection_mode).
 
     Up to ``hparams.num_steps`` epochs of shuffled minibatches of ``hparams.train_batch_size`` edits (each edit with
@@ -424,7 +425,9 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     minibatch of them. With context ``prefixes`` (:mod:`crispedit_easyedit.context_prefixes`) every epoch adds one
     raw example per edit, its prompt after a prefix drawn anew for that epoch. Under ``hparams.edit_positions``
     "subject_last" the edit loss reaches the edit weights only through each example's subject position
-    (:mod:`crispedit_easyedit.key_positions`; retain examples keep every position). The caller handles
+    (:mod:`crispedit_easyedit.key_positions`; retain examples keep every position); under "subject_last_only" the
+    weight change also acts only there, every other position of the edit examples seeing ``starting_weights``
+    (name -> the weight as stored; default: a copy of the weights at the start of this call). The caller handles
     requires_grad flags and restoration.
 
     Returns:
@@ -437,6 +440,7 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     bare_examples = edit_examples(tok, requests, hparams)
     bare_keys = edit_key_positions(tok, requests, hparams, bare_examples)
     key_modules = [resolve_module(model, t.name) for t in targets] if bare_keys is not None else []
+    keyed = _keyed_forward(hparams, targets, key_modules, starting_weights)
     prefix_generator = torch.Generator().manual_seed(hparams.seed + 2)
     pad = pad_token_id(tok)
     mode = "none" if projectors is None else hparams.projection_mode
@@ -464,7 +468,7 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
         for batch in _edit_batches([groups[i] for i in order], size, pad, bare_keys is not None):
             batch = {key: value.to(device) for key, value in batch.items()}
             optimizer.zero_grad()
-            with gradient_only_at(key_modules, batch.pop("key_mask", None)):
+            with keyed(batch.pop("key_mask", None)):
                 loss, n = edit_loss(model, batch)
             check_finite_step(loss.detach(), f"edit loss at step {steps + 1}")
             if retain_stream is None:
@@ -488,6 +492,19 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
         logger.warning("%s; the step size is too large for this many steps: lower lr (now %g) or num_steps",
                        rise, hparams.lr)
     return len(history), steps, history
+
+
+def _keyed_forward(hparams, targets: Sequence[EditTarget], modules: Sequence[nn.Module],
+                   starting_weights: Mapping[str, torch.Tensor] | None):
+    """The context (mask -> context manager) that keys a minibatch's forward on its ``key_mask`` under
+    ``hparams.edit_positions``: :func:`~crispedit_easyedit.key_positions.gradient_only_at` for "subject_last",
+    :func:`~crispedit_easyedit.key_positions.edit_only_at` with the starting weights for "subject_last_only"."""
+    if getattr(hparams, "edit_positions", "all") != "subject_last_only":
+        return lambda mask: gradient_only_at(modules, mask)
+    starts = [((starting_weights or {}).get(t.name), t.transposed) for t in targets]
+    starts = [(t.param.detach().clone() if weight is None else weight, transposed)
+              for t, (weight, transposed) in zip(targets, starts)]
+    return lambda mask: edit_only_at(modules, mask, starts)
 
 
 def loss_rise(history: Sequence[float], factor: float = 1.5, margin: float = 0.1) -> str | None:
@@ -618,7 +635,7 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
                 t.param.requires_grad_(True)
             epochs, steps, history = finetune_projected(
                 model, tok, part, hparams, targets, projectors if use_projection else None, progress, retain,
-                prefixes)
+                prefixes, start_of_chunk)
             for t in targets:
                 t.param.requires_grad_(False)
             report.epochs += epochs

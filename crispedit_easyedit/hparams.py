@@ -139,7 +139,10 @@ class CrispEditHyperParams:
                                     "key_positions): 'all' positions (fine-tuning), or 'subject_last', only the "
                                     "last token of each request's 'subject' in its prompt (ROME/MEMIT's key "
                                     "position), so that the edit is keyed on the subject rather than on the "
-                                    "relation's words other subjects share.")
+                                    "relation's words other subjects share; or 'subject_last_only', the same key "
+                                    "with the weight change also acting only there during training (the other "
+                                    "positions see the starting weights), so the gradient is that of the loss "
+                                    "trained, as ROME/MEMIT optimise their value vector.")
     context_prefixes: int = _f(0, "Number of context prefixes (crispedit_easyedit.context_prefixes): short texts "
                                   "the model writes at the call's start (seeded, ROME/MEMIT's context templates); "
                                   "every epoch adds one raw example per edit whose prompt follows a prefix drawn "

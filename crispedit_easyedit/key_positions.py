@@ -9,6 +9,16 @@ through that position of every training example (the forward pass is unchanged; 
 layer's output is detached), so the weight change is spanned by the subject keys' activations,
 dW = sum over examples of delta_key x_key^T, and still projected onto the low-curvature subspace. Retain examples
 keep every position. This module never imports EasyEdit or the experiment side.
+
+That gradient is not the gradient of the loss the forward pass computes: the changed weights act at every position
+of the forward, and what they do at the other positions (the template's tokens, the answer's own tokens) moves the
+loss without reaching the gradient. Adam then follows a direction that stops being a descent direction once the
+change is large: on 30 ZsRE tuning edits in three formats at lr 5e-3 the epoch loss fell to 0.36 and rose to 1.22,
+and 100 edits diverged at lr 2e-3 and 1e-3. ``edit_positions`` = ``"subject_last_only"`` makes objective and
+gradient agree: during training the weight change acts only at the subject's last token (the other positions see
+the weights the training started from, :func:`edit_only_at`), the way ROME and MEMIT optimise their value vector at
+the subject; the same 30 edits then fall monotonically to 0.016. The edited model applies the change everywhere,
+as ROME/MEMIT's do; the projection onto the low-curvature subspace bounds what it does elsewhere.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .templates import prompt_text
@@ -88,6 +99,39 @@ def gradient_only_at(modules: Sequence[nn.Module], mask: torch.Tensor | None) ->
     def hook(module, inputs, output):
         keep = mask.to(output.device).unsqueeze(-1)
         return torch.where(keep, output, output.detach())
+
+    handles = [module.register_forward_hook(hook) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _linear_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """A linear layer's output (..., d_out) for input ``x`` (..., d_in) and ``weight`` as the layer stores it:
+    (d_out, d_in) for ``nn.Linear``, (d_in, d_out) when ``transposed`` (GPT-2's Conv1D)."""
+    out = x @ weight.to(x.dtype) if transposed else F.linear(x, weight.to(x.dtype))
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+@contextmanager
+def edit_only_at(modules: Sequence[nn.Module], mask: torch.Tensor | None,
+                 starting_weights: Sequence[tuple[torch.Tensor, bool]]) -> Iterator[None]:
+    """Within the block, the forward outputs of the linear ``modules`` (batch, T, d_out) are those of their current
+    weights where ``mask`` (batch, T) is True and those of ``starting_weights`` elsewhere (one (weight, transposed)
+    per module, the weight as the module stores it, e.g. the weights before the edit): the weight change acts only at
+    the masked positions, so the loss computed is that of the change applied there and its gradient is exact.
+    ``mask`` None: no effect."""
+    if mask is None:
+        yield
+        return
+    starts = {id(module): start for module, start in zip(modules, starting_weights, strict=True)}
+
+    def hook(module, inputs, output):
+        weight, transposed = starts[id(module)]
+        base = _linear_output(inputs[0], weight, getattr(module, "bias", None), transposed)
+        return torch.where(mask.to(output.device).unsqueeze(-1), output, base.to(output.dtype))
 
     handles = [module.register_forward_hook(hook) for module in modules]
     try:
