@@ -23,7 +23,8 @@ basis dtype (``crispedit_easyedit.precision``)."""
 
 EDIT_POSITIONS: tuple[str, ...] = ("all", "subject_last", "subject_last_only")
 """Where an edit's gradient reaches the edited weights: every position of the prompt and target (fine-tuning), or
-only the subject's last token (ROME/MEMIT's key position; ``crispedit_easyedit.key_positions``)."""
+only the subject's last token (ROME/MEMIT's key position; ``crispedit_easyedit.key_positions``), with the weight
+change acting at every position of the training forward ("subject_last") or only at that token ("subject_last_only")."""
 
 MOM2_CHAT_FORMATS: tuple[str, ...] = ("chat", "raw")
 """How the prompts of ``mom2_chat_source`` are rendered for the capability statistics: through the tokenizer's chat
