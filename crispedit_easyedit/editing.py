@@ -488,7 +488,11 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
             break
     optimizer.zero_grad()
     rise = loss_rise(history)
-    if rise:
+    if rise and getattr(hparams, "edit_positions", "all") == "subject_last":
+        logger.warning("%s; under edit_positions 'subject_last' the gradient follows only the subject's last token "
+                       "while the change acts at every position, so it is not the loss's gradient (a smaller lr, now "
+                       "%g, only delays the rise); 'subject_last_only' trains the exact keyed loss", rise, hparams.lr)
+    elif rise:
         logger.warning("%s; the step size is too large for this many steps: lower lr (now %g) or num_steps",
                        rise, hparams.lr)
     return len(history), steps, history
@@ -509,8 +513,9 @@ def _keyed_forward(hparams, targets: Sequence[EditTarget], modules: Sequence[nn.
 
 def loss_rise(history: Sequence[float], factor: float = 1.5, margin: float = 0.1) -> str | None:
     """Why an edit's training diverged, or None: the last epoch's mean edit loss ``history[-1]`` ended more than
-    ``factor`` times and ``margin`` nats above the lowest epoch mean (Adam at too large a step; the edit then does not
-    land, and the weights may have moved far: a 100-edit ZsRE run at lr 2e-3 rose 2.98 -> 6.05 with perplexity x7)."""
+    ``factor`` times and ``margin`` nats above the lowest epoch mean (Adam at too large a step, or following a gradient
+    that is not the loss's, as under ``edit_positions`` "subject_last"; the edit then does not land, and the weights
+    may have moved far: a 100-edit ZsRE run at lr 2e-3 rose 2.98 -> 6.05 with perplexity x7)."""
     if len(history) < 2:
         return None
     best = min(range(len(history)), key=history.__getitem__)

@@ -225,3 +225,10 @@ def test_a_diverging_edit_is_logged_with_its_loss_and_lr(monkeypatch, caplog):
         apply_crispedit(model, tok, FACTS, hp, factors=factors, progress=False)
     assert "the edit loss rose from 1 (epoch 1) to 9 (epoch 3); the step size is too large" in caplog.text
     assert "lower lr (now 0.005)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="crispedit_easyedit.editing"):
+        keyed = [dict(FACTS[0], subject="France"), dict(FACTS[2], subject="river Nile")]
+        apply_crispedit(model, tok, keyed, hparams(num_steps=3, early_stop_loss=0.0, edit_positions="subject_last",
+                                                   max_length=64), factors=factors, progress=False)
+    assert "under edit_positions 'subject_last' the gradient follows only the subject's last token" in caplog.text
+    assert "'subject_last_only' trains the exact keyed loss" in caplog.text
