@@ -505,9 +505,8 @@ def _keyed_forward(hparams, targets: Sequence[EditTarget], modules: Sequence[nn.
     :func:`~crispedit_easyedit.key_positions.edit_only_at` with the starting weights for "subject_last_only"."""
     if getattr(hparams, "edit_positions", "all") != "subject_last_only":
         return lambda mask: gradient_only_at(modules, mask)
-    starts = [((starting_weights or {}).get(t.name), t.transposed) for t in targets]
-    starts = [(t.param.detach().clone() if weight is None else weight, transposed)
-              for t, (weight, transposed) in zip(targets, starts)]
+    given = starting_weights or {}
+    starts = [(given[t.name] if t.name in given else t.param.detach().clone(), t.transposed) for t in targets]
     return lambda mask: edit_only_at(modules, mask, starts)
 
 
