@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .chat_corpus import chat_questions
 from .checks import check_finite_step
+from .context_null_space import ContextNullSpace, context_null_spaces, then_context
 from .context_prefixes import prefixed_requests, sample_context_prefixes
 from .curvature import (
     FACTOR_DTYPES, FactorSet, check_factors, check_positions, collect_kfac_factors, input_device, model_fingerprint,
@@ -334,6 +335,7 @@ class EditReport:
     edit_statistics_collections: int = 0
     retain_examples: int = 0
     context_prefixes: list[str] = field(default_factory=list)
+    context_protected_directions: list[dict[str, int]] = field(default_factory=list)
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
     chunk_leak_fractions: list[dict[str, float]] = field(default_factory=list)
     predicted_loss_increase: float = 0.0
@@ -354,8 +356,15 @@ class EditReport:
                 f"capability-loss increase {self.predicted_loss_increase:.3g} nats/token, curvature "
                 f"{self.curvature_source} ({self.seconds_curvature:.1f}s), {self.eigendecompositions} "
                 f"eigendecomposition(s), {self.edit_statistics_collections} past-edit statistics collection(s), "
-                f"{self.retain_examples} retain examples, {len(self.context_prefixes)} context prefixes, editing "
+                f"{self.retain_examples} retain examples, {len(self.context_prefixes)} context prefixes, "
+                f"{self._context_summary()}editing "
                 f"{self.seconds_editing:.1f}s")
+
+    def _context_summary(self) -> str:
+        if not self.context_protected_directions:
+            return ""
+        most = max(n for chunk in self.context_protected_directions for n in chunk.values())
+        return f"context null space up to {most} protected input directions per layer, "
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (the projectors, which hold tensors, are left out)."""
@@ -416,7 +425,8 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
                        progress: bool = True,
                        retain: Sequence[tuple[list[int], list[int]]] = (),
                        prefixes: Sequence[str] = (),
-                       starting_weights: Mapping[str, torch.Tensor] | None = None) -> tuple[int, int, list[float]]:
+                       starting_weights: Mapping[str, torch.Tensor] | None = None,
+                       context_spaces: Mapping[str, ContextNullSpace] | None = None) -> tuple[int, int, list[float]]:
     """Fine-tune the target weights on prompt -> target_new with projected Adam (hparams.projection_mode).
 
     Up to ``hparams.num_steps`` epochs of shuffled minibatches of ``hparams.train_batch_size`` edits (each edit with
@@ -427,8 +437,10 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     "subject_last" the edit loss reaches the edit weights only through each example's subject position
     (:mod:`crispedit_easyedit.key_positions`; retain examples keep every position); under "subject_last_only" the
     weight change also acts only there, every other position of the edit examples seeing ``starting_weights``
-    (name -> the weight as stored; default: a copy of the weights at the start of this call). The caller handles
-    requires_grad flags and restoration.
+    (name -> the weight as stored; default: a copy of the weights at the start of this call). With
+    ``context_spaces`` (name -> :class:`~crispedit_easyedit.context_null_space.ContextNullSpace`) the gradient's and
+    the step's projections are each followed by the context null space's. The caller handles requires_grad flags
+    and restoration.
 
     Returns:
         (epochs run, optimizer steps, mean loss per epoch).
@@ -448,6 +460,13 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     low = _gradient_dtype(hparams, targets)
     gradient_projections = None if projectors is None or low is None else [
         _projection_fn(t, projectors[t.name].in_dtype(low), mode) for t in targets]
+    if context_spaces and projectors is not None:
+        if mode not in ("gradient", "update", "both"):
+            raise ValueError(f"context_null_space_energy needs projection_mode 'gradient', 'update' or 'both', got "
+                             f"{mode!r}")
+        gradient_projections = [then_context(p, context_spaces[t.name], t.transposed)
+                                for p, t in zip(gradient_projections or projections, targets)]
+        projections = [then_context(p, context_spaces[t.name], t.transposed) for p, t in zip(projections, targets)]
     optimizer = ProjectedAdam([t.param for t in targets], projections, mode=mode, lr=hparams.lr,
                               weight_decay=hparams.weight_decay, gradient_projections=gradient_projections)
     generator = torch.Generator().manual_seed(hparams.seed)
@@ -508,6 +527,24 @@ def _keyed_forward(hparams, targets: Sequence[EditTarget], modules: Sequence[nn.
     given = starting_weights or {}
     starts = [(given[t.name] if t.name in given else t.param.detach().clone(), t.transposed) for t in targets]
     return lambda mask: edit_only_at(modules, mask, starts)
+
+
+def chunk_context_null_spaces(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], hparams,
+                              targets: Sequence[EditTarget]) -> dict[str, ContextNullSpace] | None:
+    """The context null space of every edit weight (:mod:`crispedit_easyedit.context_null_space`) from the inputs
+    at the other positions of ``requests``' training examples in every train format, at the current weights; None
+    when ``hparams.context_null_space_energy`` is 0."""
+    energy = float(getattr(hparams, "context_null_space_energy", 0.0))
+    if not energy:
+        return None
+    examples = edit_examples(tok, requests, hparams)
+    keys = edit_key_positions(tok, requests, hparams, examples)
+    if keys is None:
+        raise ValueError(f"context_null_space_energy {energy!r} needs a keyed edit_positions ('subject_last' or "
+                         f"'subject_last_only'), got {getattr(hparams, 'edit_positions', 'all')!r}")
+    batches = _batches(examples, hparams.train_batch_size, pad_token_id(tok), keys)
+    modules = {t.name: resolve_module(model, t.name) for t in targets}
+    return context_null_spaces(model, modules, batches, energy)
 
 
 def loss_rise(history: Sequence[float], factor: float = 1.5, margin: float = 0.1) -> str | None:
@@ -635,11 +672,15 @@ def apply_crispedit(model: nn.Module, tok, requests: Sequence[Mapping[str, Any]]
             projectors = build_projectors(eigenbases, targets, hparams.energy_threshold,
                                           getattr(hparams, "curvature_factors", "kfac"))
             start_of_chunk = {t.name: t.param.detach().clone() for t in targets}
+            context_spaces = chunk_context_null_spaces(model, tok, part, hparams, targets) if use_projection else None
+            if context_spaces:
+                report.context_protected_directions.append(
+                    {name: space.protected_directions for name, space in context_spaces.items()})
             for t in targets:
                 t.param.requires_grad_(True)
             epochs, steps, history = finetune_projected(
                 model, tok, part, hparams, targets, projectors if use_projection else None, progress, retain,
-                prefixes, start_of_chunk)
+                prefixes, start_of_chunk, context_spaces)
             for t in targets:
                 t.param.requires_grad_(False)
             report.epochs += epochs

@@ -143,6 +143,15 @@ class CrispEditHyperParams:
                                     "with the weight change also acting only there during training (the other "
                                     "positions see the starting weights), so the gradient is that of the loss "
                                     "trained, as ROME/MEMIT optimise their value vector.")
+    context_null_space_energy: float = _f(0.0, "Under a keyed edit_positions, the fraction of the energy of the "
+                                               "edit examples' inputs at their other positions (template, system "
+                                               "prompt, answer tokens) whose input directions the weight change may "
+                                               "not act on (crispedit_easyedit.context_null_space, AlphaEdit's null "
+                                               "space built from the edit prompts), so that the change acts at the "
+                                               "subject key and the model deployed is the model trained; in [0, 1), "
+                                               "0 disables it. Needs edit_positions 'subject_last' or "
+                                               "'subject_last_only' and projection_mode 'gradient', 'update' or "
+                                               "'both'.")
     context_prefixes: int = _f(0, "Number of context prefixes (crispedit_easyedit.context_prefixes): short texts "
                                   "the model writes at the call's start (seeded, ROME/MEMIT's context templates); "
                                   "every epoch adds one raw example per edit whose prompt follows a prefix drawn "
@@ -223,7 +232,8 @@ class CrispEditHyperParams:
     })
     _FLOAT_FIELDS: ClassVar[frozenset[str]] = frozenset({"lr", "weight_decay", "energy_threshold",
                                                          "early_stop_loss", "edit_stats_weight",
-                                                         "mom2_chat_fraction", "retain_weight"})
+                                                         "mom2_chat_fraction", "retain_weight",
+                                                         "context_null_space_energy"})
     _BOOL_FIELDS: ClassVar[frozenset[str]] = frozenset({"model_parallel", "edit_kfac_on_full_sequence", "fp16",
                                                         "use_chat_template", "train_eos"})
 
@@ -279,6 +289,11 @@ class CrispEditHyperParams:
                                           high=1.0)
         self.mom2_chat_fraction = _as_float("mom2_chat_fraction", self.mom2_chat_fraction, low=0.0)
         self.retain_weight = _as_float("retain_weight", self.retain_weight, low=0.0)
+        self.context_null_space_energy = _as_float("context_null_space_energy", self.context_null_space_energy,
+                                                   low=0.0)
+        if self.context_null_space_energy >= 1.0:
+            raise ValueError(f"context_null_space_energy must be in [0, 1) (a fraction of the context inputs' energy; "
+                             f"0 disables it), got {self.context_null_space_energy!r}")
         if self.mom2_chat_fraction >= 1.0:
             raise ValueError(f"mom2_chat_fraction must be in [0, 1) (a share of the statistics' tokens; Wikipedia "
                              f"keeps the rest), got {self.mom2_chat_fraction!r}")
@@ -288,6 +303,14 @@ class CrispEditHyperParams:
         _check_choice("projection_mode", self.projection_mode, PROJECTION_MODES)
         _check_choice("curvature_factors", self.curvature_factors, CURVATURE_FACTORS)
         _check_choice("edit_positions", self.edit_positions, EDIT_POSITIONS)
+        if self.context_null_space_energy > 0 and self.edit_positions == "all":
+            raise ValueError(f"context_null_space_energy {self.context_null_space_energy!r} needs a keyed "
+                             f"edit_positions, one of {[p for p in EDIT_POSITIONS if p != 'all']} (under 'all' every "
+                             f"position is an edit position and there is no context to protect); got 'all'")
+        if self.context_null_space_energy > 0 and self.projection_mode not in ("gradient", "update", "both"):
+            raise ValueError(f"context_null_space_energy {self.context_null_space_energy!r} needs projection_mode "
+                             f"'gradient', 'update' or 'both' (it projects each step after the capability "
+                             f"projection); got {self.projection_mode!r}")
         _check_choice("gradient_projection_dtype", self.gradient_projection_dtype, GRADIENT_PROJECTION_DTYPES)
         _check_choice("curvature_at", self.curvature_at, CURVATURE_AT)
         _check_choice("evaluation_type", self.evaluation_type, EVALUATION_TYPES)

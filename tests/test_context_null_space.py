@@ -1,0 +1,129 @@
+"""The edit prompts' other positions as a constraint (issue 9, ``context_null_space_energy``): the energy rule, the
+projection against a dense pseudo-inverse oracle, the context covariance against inputs captured by hand, and
+through apply_crispedit a keyed edit whose change does not act on the context inputs, so the model deployed is the
+model trained (on SmolLM2: benchmarks/README.md)."""
+
+import copy
+
+import pytest
+import torch
+
+from crispedit_easyedit.context_null_space import ContextNullSpace, context_covariances
+from crispedit_easyedit.editing import (
+    apply_crispedit, chunk_context_null_spaces, collate, edit_examples, edit_key_positions, edit_targets,
+)
+from crispedit_easyedit.hparams import CrispEditHyperParams
+from tests.test_editing import corpus_factors, hparams
+from tests.test_key_positions import FACTS
+from tests.tiny_models import tiny_llama, tiny_tokenizer
+
+
+def _orthonormal(n: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0]
+
+
+def _span_projector(basis: torch.Tensor) -> torch.Tensor:
+    return basis.double() @ basis.double().T
+
+
+@pytest.mark.parametrize("energy, expected", [(0.5, 1), (0.7, 2), (0.8, 3), (0.9, 3), (0.99, 5)])
+def test_the_protected_directions_are_the_fewest_top_eigenvectors_holding_the_energy(energy, expected):
+    eigenvalues = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.0], dtype=torch.float64)  # shares .52 .77 .90 .97 1
+    Q = _orthonormal(6, 0)
+    space = ContextNullSpace.from_covariance(Q @ torch.diag(eigenvalues) @ Q.T, energy, context_tokens=7)
+    assert space.protected_directions == expected
+    torch.testing.assert_close(_span_projector(space.basis), _span_projector(Q[:, :expected]), atol=1e-6, rtol=0)
+    assert space.energy == pytest.approx(float(eigenvalues[:expected].sum() / eigenvalues.sum()), rel=1e-6)
+    assert space.energy >= energy and space.context_tokens == 7
+
+
+def test_the_projection_is_the_dense_projector_onto_the_inputs_null_space():
+    """Context inputs C (5, 12) of full row rank, every direction above 0.1 % of the energy: the protected span is
+    C's row space, and the projection of dW (4, 12) is dW (I - C^+ C), stored either way round."""
+    generator = torch.Generator().manual_seed(1)
+    C = torch.randn(5, 12, generator=generator, dtype=torch.float64)
+    space = ContextNullSpace.from_covariance(C.T @ C, 0.999, context_tokens=5)
+    assert space.protected_directions == 5
+    dW = torch.randn(4, 12, generator=generator)
+    oracle = dW.double() @ (torch.eye(12, dtype=torch.float64) - torch.linalg.pinv(C) @ C)
+    torch.testing.assert_close(space.project(dW).double(), oracle, atol=1e-5, rtol=0)
+    torch.testing.assert_close(space.project(dW.T.contiguous(), transposed=True).double(), oracle.T, atol=1e-5,
+                               rtol=0)
+    assert float((space.project(dW).double() @ C.T).abs().max()) < 1e-5  # it no longer acts on any context input
+
+
+def test_the_context_covariance_sums_the_inputs_at_attended_positions_outside_the_keys():
+    tok, model = tiny_tokenizer(), tiny_llama()
+    hp = hparams(layers=[1, 2], edit_positions="subject_last_only", max_length=64)
+    examples = edit_examples(tok, FACTS, hp)
+    batch = collate(examples, 0, edit_key_positions(tok, FACTS, hp, examples))
+    assert len({len(ids) for ids, _ in examples}) > 1  # padding present: padded positions must not count
+    modules = {t.name: model.get_submodule(t.name.rsplit(".", 1)[0]) for t in edit_targets(model, hp)}
+    seen = {}
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, i[0].detach().double()))
+               for n, m in modules.items()]
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for handle in handles:
+        handle.remove()
+    context = batch["attention_mask"].bool() & ~batch["key_mask"]
+    halves = [{k: v[rows] for k, v in batch.items()} for rows in (slice(0, 2), slice(2, 3))]  # two batches
+    for name, (covariance, tokens) in context_covariances(model, modules, halves).items():
+        x = seen[name][context]
+        assert tokens == int(context.sum()) == x.shape[0]
+        torch.testing.assert_close(covariance, x.T @ x, atol=1e-9, rtol=1e-9)
+
+
+def _keyed_edit(energy: float):
+    """A subject-keyed tiny-model edit of FACTS; returns the model before and after, the hparams and the report."""
+    tok, model = tiny_tokenizer(), tiny_llama()
+    hp = hparams(edit_positions="subject_last_only", max_length=64, num_steps=40, energy_threshold=0.3,
+                 context_null_space_energy=energy)
+    before = copy.deepcopy(model)
+    report = apply_crispedit(model, tok, FACTS, hp, factors=corpus_factors(before, hp, tok), progress=False)
+    return tok, before, model, hp, report
+
+
+def test_a_protected_keyed_edit_does_not_act_on_the_context_inputs():
+    """With the context null space the change dW of every layer satisfies ||dW U|| ~ 0 for the protected directions
+    U and ||dW C^T|| <= ||dW||_2 sqrt(1 - e) ||C|| on the context inputs C, so at the edit prompts' other positions
+    the edited layer's output is (within that bound) the one keyed training saw; without it the bound fails. (A
+    random tiny model cannot learn keyed edits, so whether the edit lands is measured on SmolLM2 in
+    benchmarks/README.md.)"""
+    tok, before, protected, hp, report = _keyed_edit(0.99)
+    spaces = chunk_context_null_spaces(before, tok, FACTS, hp, edit_targets(before, hp))
+    assert report.context_protected_directions == [{n: s.protected_directions for n, s in spaces.items()}]
+    _, _, free, _, free_report = _keyed_edit(0.0)
+    assert free_report.context_protected_directions == []
+    examples = edit_examples(tok, FACTS, hp)
+    batch = collate(examples, 0, edit_key_positions(tok, FACTS, hp, examples))
+    context_inputs = {}
+    modules = {t.name: before.get_submodule(t.name.rsplit(".", 1)[0]) for t in edit_targets(before, hp)}
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: context_inputs.__setitem__(n, i[0].detach()))
+               for n, m in modules.items()]
+    with torch.no_grad():
+        before(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for handle in handles:
+        handle.remove()
+    context = batch["attention_mask"].bool() & ~batch["key_mask"]
+    for name, space in spaces.items():
+        C = context_inputs[name][context].double()
+        bound_factor = (1 - space.energy) ** 0.5 * float(C.norm())
+        for model, holds in ((protected, True), (free, False)):
+            dW = (model.get_parameter(name) - before.get_parameter(name)).detach().double()
+            assert float((dW @ space.basis.double()).norm()) < 1e-5 * float(dW.norm()) or not holds
+            within = float((dW @ C.T).norm()) <= float(torch.linalg.matrix_norm(dW, 2)) * bound_factor * (1 + 1e-6)
+            assert within == holds, (name, holds)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(context_null_space_energy=0.9), "needs a keyed edit_positions, one of \\['subject_last', "
+                                          "'subject_last_only'\\]"),
+    (dict(context_null_space_energy=0.9, edit_positions="subject_last_only", projection_mode="eigenbasis"),
+     "needs projection_mode 'gradient', 'update' or 'both'"),
+    (dict(context_null_space_energy=1.0, edit_positions="subject_last_only"), "must be in \\[0, 1\\)"),
+    (dict(context_null_space_energy=-0.1, edit_positions="subject_last_only"), "context_null_space_energy"),
+])
+def test_bad_context_null_space_settings_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        CrispEditHyperParams(model_name="m", layers=[1], **overrides)
