@@ -20,7 +20,8 @@ the weights the training started from, :func:`edit_only_at`), the way ROME and M
 the subject; the same 30 edits then fall at every epoch, to 0.016. The edited model applies the change everywhere,
 as ROME/MEMIT's do, and training never sees what it does at the other positions: on 100 format-trained ZsRE edits
 the training loss reached 0.03 while the edited model held 0.30 of the target tokens, at perplexity +18 %
-(benchmarks/README.md, issue 9). Constraining the change at the edit prompts' other positions is still missing.
+(benchmarks/README.md, issue 9). ``context_null_space_energy`` (:mod:`crispedit_easyedit.context_null_space`)
+constrains the change at the edit prompts' other positions so that the model deployed is the model trained.
 """
 
 from __future__ import annotations

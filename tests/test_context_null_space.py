@@ -127,3 +127,40 @@ def test_a_protected_keyed_edit_does_not_act_on_the_context_inputs():
 def test_bad_context_null_space_settings_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
         CrispEditHyperParams(model_name="m", layers=[1], **overrides)
+
+
+def test_each_chunk_protects_its_own_context_and_a_conv1d_weight_is_projected_on_its_input_side():
+    """GPT-2 stores c_proj as (d_in, d_out): the change of every chunk (CrispEdit-Seq, chunks of 2 edits) leaves the
+    protected input directions of that chunk's context, taken at the weights the chunk started from, untouched.
+    (Layers 0 and 1 of 3: a keyed change in the last block reaches no target through attention.)"""
+    import crispedit_easyedit.editing as editing
+    from tests.tiny_models import tiny_gpt2
+
+    tok, model = tiny_tokenizer(), tiny_gpt2()
+    hp = hparams(layers=[0, 1], rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", max_length=64,
+                 num_steps=5, lr=2e-2, chunk_size=2, edit_positions="subject_last_only",
+                 context_null_space_energy=0.95)
+    targets = edit_targets(model, hp)
+    assert all(t.transposed for t in targets)
+    chunk_starts, built = [], []
+    original = editing.chunk_context_null_spaces
+
+    def recording(model_, tok_, requests, hparams_, targets_):
+        chunk_starts.append({t.name: t.param.detach().clone() for t in targets_})
+        built.append(original(model_, tok_, requests, hparams_, targets_))
+        return built[-1]
+
+    editing.chunk_context_null_spaces = recording
+    try:
+        report = apply_crispedit(model, tok, FACTS, hp, factors=corpus_factors(copy.deepcopy(model), hp, tok),
+                                 progress=False)
+    finally:
+        editing.chunk_context_null_spaces = original
+    assert report.chunks == 2 and len(built) == 2 == len(report.context_protected_directions)
+    ends = chunk_starts[1:] + [{t.name: t.param.detach() for t in targets}]
+    for start, end, spaces in zip(chunk_starts, ends, built):
+        for t in targets:
+            change = (end[t.name] - start[t.name]).double()  # (d_in, d_out)
+            basis = spaces[t.name].basis.double()
+            assert float(change.norm()) > 0
+            assert float((basis.T @ change).norm()) < 1e-5 * float(change.norm())
