@@ -464,9 +464,11 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
         if mode not in ("gradient", "update", "both"):
             raise ValueError(f"context_null_space_energy needs projection_mode 'gradient', 'update' or 'both', got "
                              f"{mode!r}")
-        gradient_projections = [then_context(p, context_spaces[t.name], t.transposed)
+        rounds = int(getattr(hparams, "context_null_space_rounds", 1))
+        gradient_projections = [then_context(p, context_spaces[t.name], t.transposed, rounds)
                                 for p, t in zip(gradient_projections or projections, targets)]
-        projections = [then_context(p, context_spaces[t.name], t.transposed) for p, t in zip(projections, targets)]
+        projections = [then_context(p, context_spaces[t.name], t.transposed, rounds)
+                       for p, t in zip(projections, targets)]
     optimizer = ProjectedAdam([t.param for t in targets], projections, mode=mode, lr=hparams.lr,
                               weight_decay=hparams.weight_decay, gradient_projections=gradient_projections)
     generator = torch.Generator().manual_seed(hparams.seed)

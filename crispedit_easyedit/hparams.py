@@ -152,6 +152,10 @@ class CrispEditHyperParams:
                                                "0 disables it. Needs edit_positions 'subject_last' or "
                                                "'subject_last_only' and projection_mode 'gradient', 'update' or "
                                                "'both'.")
+    context_null_space_rounds: int = _f(1, "Alternating projections per projection between the capability "
+                                           "projection and the context null space (von Neumann): more rounds leave "
+                                           "less of the change in the capability projection's removed directions; "
+                                           "the change always ends in the context null space.")
     context_prefixes: int = _f(0, "Number of context prefixes (crispedit_easyedit.context_prefixes): short texts "
                                   "the model writes at the call's start (seeded, ROME/MEMIT's context templates); "
                                   "every epoch adds one raw example per edit whose prompt follows a prefix drawn "
@@ -229,6 +233,7 @@ class CrispEditHyperParams:
         "curvature_seq_len",
         "curvature_batch_size", "exclude_first_tokens", "seed", "chunk_size", "retain_count",
         "retain_answer_tokens", "mom2_chat_answer_tokens", "context_prefixes", "context_prefix_tokens",
+        "context_null_space_rounds",
     })
     _FLOAT_FIELDS: ClassVar[frozenset[str]] = frozenset({"lr", "weight_decay", "energy_threshold",
                                                          "early_stop_loss", "edit_stats_weight",
@@ -266,6 +271,7 @@ class CrispEditHyperParams:
                               ("mc_samples", 1), ("curvature_seq_len", 2), ("curvature_batch_size", 1),
                               ("exclude_first_tokens", 0), ("seed", None), ("retain_count", 1),
                               ("retain_answer_tokens", 1), ("mom2_chat_answer_tokens", 0), ("context_prefixes", 0),
+                              ("context_null_space_rounds", 1),
                               ("context_prefix_tokens", 1)):
             setattr(self, name, _as_int(name, getattr(self, name), minimum))
         if self.retain_answer_tokens >= self.max_length:
@@ -307,6 +313,10 @@ class CrispEditHyperParams:
             raise ValueError(f"context_null_space_energy {self.context_null_space_energy!r} needs a keyed "
                              f"edit_positions, one of {[p for p in EDIT_POSITIONS if p != 'all']} (under 'all' every "
                              f"position is an edit position and there is no context to protect); got 'all'")
+        if self.context_null_space_rounds != 1 and self.context_null_space_energy <= 0:
+            raise ValueError(f"context_null_space_rounds {self.context_null_space_rounds!r} has no effect without "
+                             f"context_null_space_energy > 0 (got {self.context_null_space_energy!r}); set both or "
+                             f"leave the rounds at 1")
         if self.context_null_space_energy > 0 and self.projection_mode not in ("gradient", "update", "both"):
             raise ValueError(f"context_null_space_energy {self.context_null_space_energy!r} needs projection_mode "
                              f"'gradient', 'update' or 'both' (it projects each step after the capability "

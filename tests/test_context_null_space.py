@@ -116,6 +116,25 @@ def test_a_protected_keyed_edit_does_not_act_on_the_context_inputs():
             assert within == holds, (name, holds)
 
 
+def test_alternating_rounds_leave_less_of_the_change_in_the_removed_directions():
+    """Rounds of alternating projections (capability, then context) lower the share of each chunk's change in the
+    capability projector's removed directions, and the change stays in the context null space at every count."""
+    tok = tiny_tokenizer()
+    leaks = []
+    for rounds in (1, 4):
+        model = tiny_llama()
+        hp = hparams(edit_positions="subject_last_only", max_length=64, num_steps=10, lr=0.05,
+                     energy_threshold=0.3, context_null_space_energy=0.99, context_null_space_rounds=rounds)
+        before = copy.deepcopy(model)
+        spaces = chunk_context_null_spaces(before, tok, FACTS, hp, edit_targets(before, hp))
+        report = apply_crispedit(model, tok, FACTS, hp, factors=corpus_factors(before, hp, tok), progress=False)
+        leaks.append(max(report.chunk_leak_fractions[0].values()))
+        for name, space in spaces.items():
+            dW = (model.get_parameter(name) - before.get_parameter(name)).detach().double()
+            assert float((dW @ space.basis.double()).norm()) < 1e-5 * float(dW.norm())
+    assert leaks[1] < 0.7 * leaks[0], leaks
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(context_null_space_energy=0.9), "needs a keyed edit_positions, one of \\['subject_last', "
                                           "'subject_last_only'\\]"),
@@ -123,6 +142,9 @@ def test_a_protected_keyed_edit_does_not_act_on_the_context_inputs():
      "needs projection_mode 'gradient', 'update' or 'both'"),
     (dict(context_null_space_energy=1.0, edit_positions="subject_last_only"), "must be in \\[0, 1\\)"),
     (dict(context_null_space_energy=-0.1, edit_positions="subject_last_only"), "context_null_space_energy"),
+    (dict(context_null_space_rounds=3), "context_null_space_rounds 3 has no effect without"),
+    (dict(context_null_space_rounds=0, context_null_space_energy=0.9, edit_positions="subject_last_only"),
+     "context_null_space_rounds"),
 ])
 def test_bad_context_null_space_settings_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
