@@ -19,6 +19,9 @@ Only the examples in the train formats count (a context-prefixed example's prefi
 protected), and each chunk of CrispEdit-Seq builds its own null space at the weights it starts from. Memory: one
 (d_in, d_in) float64 covariance per edited layer while it is built (19 MiB at d_in 1536, 1.6 GiB at 14336).
 
+Under ``projection_mode`` "update" and "both" the step is projected, so the change lies in the null space exactly;
+under "gradient" only the gradient is, and Adam's elementwise scaling lets part of the step out.
+
 The two projections do not commute: the step ends in the context null space exactly, and the share of the change
 in the capability projector's removed directions is measured per chunk (``EditReport.chunk_leak_fractions``);
 ``hparams.context_null_space_rounds`` alternates the two projections that many times per projection (von Neumann's
@@ -64,9 +67,7 @@ class ContextNullSpace:
         (ties at the threshold are protected too), in float64 for the decomposition."""
         eigenvalues, eigenvectors = stable_eigh(covariance, torch.float64, label)
         protected = ~energy_mask(torch.ones(1, dtype=torch.float64, device=eigenvalues.device), eigenvalues,
-                                 energy)[0]
-        if float(eigenvalues.sum()) <= 0:
-            protected = torch.zeros_like(protected)
+                                 energy)[0]  # no energy at all: nothing is protected
         total = float(eigenvalues.sum())
         held = float(eigenvalues[protected].sum()) / total if total > 0 else 0.0
         return cls(eigenvectors[:, protected].to(torch.float32).contiguous(), context_tokens, held)
