@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .curvature import input_device
+from .curvature import input_device, model_inputs
+from .key_positions import forward_hooks
 from .projector import energy_mask, stable_eigh
 
 
@@ -86,29 +87,23 @@ def context_covariances(model: nn.Module, modules: Mapping[str, nn.Module],
     """Covariance (d_in, d_in) of each module's inputs at the attended positions outside ``key_mask``, and the number
     of those positions, over ``batches`` (``input_ids``, ``attention_mask``, ``key_mask``, all (batch, T)) at the
     model's current weights. float64 on each module's weight device."""
+    names = {id(module): name for name, module in modules.items()}
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(modules, 0)
-    context: list[torch.Tensor] = []
+    context = torch.zeros(0, dtype=torch.bool)  # (batch, T) of the batch in flight
 
-    def hook_for(name: str):
-        def hook(module, inputs, output):
-            x = inputs[0].detach()
-            rows = x[context[0].to(x.device)].to(torch.float64)  # (tokens, d_in)
-            gram = rows.T @ rows
-            sums[name] = gram if name not in sums else sums[name] + gram
-            counts[name] += int(rows.shape[0])
-        return hook
+    def hook(module, inputs, output):
+        name = names[id(module)]
+        rows = inputs[0].detach()[context.to(inputs[0].device)].to(torch.float64)  # (tokens, d_in)
+        gram = rows.T @ rows
+        sums[name] = gram if name not in sums else sums[name] + gram
+        counts[name] += int(rows.shape[0])
 
-    handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
     device = input_device(model)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                context[:] = [batch["attention_mask"].bool() & ~batch["key_mask"]]
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(list(modules.values()), hook), torch.no_grad():
+        for batch in batches:
+            context = batch["attention_mask"].bool() & ~batch["key_mask"]
+            model(**model_inputs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
     return {name: (sums[name], counts[name]) for name in modules}
 
 

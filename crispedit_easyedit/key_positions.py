@@ -103,7 +103,7 @@ def gradient_only_at(modules: Sequence[nn.Module], mask: torch.Tensor | None) ->
         keep = mask.to(output.device).unsqueeze(-1)
         return torch.where(keep, output, output.detach())
 
-    with _forward_hooks(modules, hook):
+    with forward_hooks(modules, hook):
         yield
 
 
@@ -132,12 +132,12 @@ def edit_only_at(modules: Sequence[nn.Module], mask: torch.Tensor | None,
         base = _linear_output(inputs[0], weight, getattr(module, "bias", None), transposed)
         return torch.where(mask.to(output.device).unsqueeze(-1), output, base.to(output.dtype))
 
-    with _forward_hooks(modules, hook):
+    with forward_hooks(modules, hook):
         yield
 
 
 @contextmanager
-def _forward_hooks(modules: Sequence[nn.Module], hook) -> Iterator[None]:
+def forward_hooks(modules: Sequence[nn.Module], hook) -> Iterator[None]:
     """``hook`` registered as a forward hook of every module for the duration of the block."""
     handles = [module.register_forward_hook(hook) for module in modules]
     try:

@@ -52,24 +52,30 @@ def test_the_projection_is_the_dense_projector_onto_the_inputs_null_space():
     assert float((space.project(dW).double() @ C.T).abs().max()) < 1e-5  # it no longer acts on any context input
 
 
-def test_the_context_covariance_sums_the_inputs_at_attended_positions_outside_the_keys():
-    tok, model = tiny_tokenizer(), tiny_llama()
-    hp = hparams(layers=[1, 2], edit_positions="subject_last_only", max_length=64)
+def _keyed_batch_and_inputs(model, tok, hp):
+    """The keyed batch of FACTS and each edited module's inputs (batch, T, d_in) in ``model``'s forward of it."""
     examples = edit_examples(tok, FACTS, hp)
     batch = collate(examples, 0, edit_key_positions(tok, FACTS, hp, examples))
-    assert len({len(ids) for ids, _ in examples}) > 1  # padding present: padded positions must not count
     modules = {t.name: model.get_submodule(t.name.rsplit(".", 1)[0]) for t in edit_targets(model, hp)}
     seen = {}
-    handles = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, i[0].detach().double()))
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, i[0].detach()))
                for n, m in modules.items()]
     with torch.no_grad():
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     for handle in handles:
         handle.remove()
+    return batch, modules, seen
+
+
+def test_the_context_covariance_sums_the_inputs_at_attended_positions_outside_the_keys():
+    tok, model = tiny_tokenizer(), tiny_llama()
+    hp = hparams(layers=[1, 2], edit_positions="subject_last_only", max_length=64)
+    batch, modules, seen = _keyed_batch_and_inputs(model, tok, hp)
+    assert not bool(batch["attention_mask"].all())  # padding present: padded positions must not count
     context = batch["attention_mask"].bool() & ~batch["key_mask"]
     halves = [{k: v[rows] for k, v in batch.items()} for rows in (slice(0, 2), slice(2, 3))]  # two batches
     for name, (covariance, tokens) in context_covariances(model, modules, halves).items():
-        x = seen[name][context]
+        x = seen[name][context].double()
         assert tokens == int(context.sum()) == x.shape[0]
         torch.testing.assert_close(covariance, x.T @ x, atol=1e-9, rtol=1e-9)
 
@@ -95,16 +101,7 @@ def test_a_protected_keyed_edit_does_not_act_on_the_context_inputs():
     assert report.context_protected_directions == [{n: s.protected_directions for n, s in spaces.items()}]
     _, _, free, _, free_report = _keyed_edit(0.0)
     assert free_report.context_protected_directions == []
-    examples = edit_examples(tok, FACTS, hp)
-    batch = collate(examples, 0, edit_key_positions(tok, FACTS, hp, examples))
-    context_inputs = {}
-    modules = {t.name: before.get_submodule(t.name.rsplit(".", 1)[0]) for t in edit_targets(before, hp)}
-    handles = [m.register_forward_hook(lambda m, i, o, n=n: context_inputs.__setitem__(n, i[0].detach()))
-               for n, m in modules.items()]
-    with torch.no_grad():
-        before(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    for handle in handles:
-        handle.remove()
+    batch, _, context_inputs = _keyed_batch_and_inputs(before, tok, hp)
     context = batch["attention_mask"].bool() & ~batch["key_mask"]
     for name, space in spaces.items():
         C = context_inputs[name][context].double()
