@@ -30,3 +30,10 @@ MOM2_CHAT_FORMATS: tuple[str, ...] = ("chat", "raw")
 """How the prompts of ``mom2_chat_source`` are rendered for the capability statistics: through the tokenizer's chat
 template with the generation prompt (questions as users ask them), or as raw text (completion prompts such as
 CounterFact's neighbourhood prompts, whose last position predicts the object)."""
+
+CONTEXT_NULL_SPACE_COMPOSITIONS: tuple[str, ...] = ("alternate", "exact")
+"""How a step is projected under both the capability projection and the context null space
+(``crispedit_easyedit.context_null_space``): 'alternate' projections, ``context_null_space_rounds`` of each in turn
+(the change ends in the context null space, part of it in the capability projection's removed directions), or
+'exact', the orthogonal projection onto the intersection of the two subspaces, computed row by row in the Kronecker
+eigenbasis (nothing in either removed set)."""

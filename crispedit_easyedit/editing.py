@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .chat_corpus import chat_questions
 from .checks import check_finite_step
-from .context_null_space import ContextNullSpace, context_null_spaces, then_context
+from .context_null_space import ContextNullSpace, ExactIntersection, context_null_spaces, then_context
 from .context_prefixes import prefixed_requests, sample_context_prefixes
 from .curvature import (
     FACTOR_DTYPES, FactorSet, check_factors, check_positions, collect_kfac_factors, input_device, model_fingerprint,
@@ -304,6 +304,18 @@ def _projection_fn(target: EditTarget, projector: KroneckerProjector, mode: str)
     return projector.project
 
 
+def _exact_intersection_fn(target: EditTarget, projector: KroneckerProjector, space: ContextNullSpace):
+    """The projection onto the intersection of the capability kept span and the context null space, for a tensor of
+    the weight's storage shape (:class:`~crispedit_easyedit.context_null_space.ExactIntersection`)."""
+    intersection = ExactIntersection(projector, space)
+    logger.info("%s: exact intersection of dimension %d (%.1f %% of the capability's kept coordinates given up by "
+                "grouping %d row prefixes)", target.name, intersection.dimension, 100 * intersection.dropped_share,
+                len(intersection.groups))
+    if target.transposed:
+        return lambda tensor: intersection(tensor.T).T
+    return intersection
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -464,11 +476,15 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
         if mode not in ("gradient", "update", "both"):
             raise ValueError(f"context_null_space_energy needs projection_mode 'gradient', 'update' or 'both', got "
                              f"{mode!r}")
-        rounds = int(getattr(hparams, "context_null_space_rounds", 1))
-        gradient_projections = [then_context(p, context_spaces[t.name], t.transposed, rounds)
-                                for p, t in zip(gradient_projections or projections, targets)]
-        projections = [then_context(p, context_spaces[t.name], t.transposed, rounds)
-                       for p, t in zip(projections, targets)]
+        if getattr(hparams, "context_null_space_composition", "alternate") == "exact":
+            projections = [_exact_intersection_fn(t, projectors[t.name], context_spaces[t.name]) for t in targets]
+            gradient_projections = None  # the intersection is projected in float32, gradient and step alike
+        else:
+            rounds = int(getattr(hparams, "context_null_space_rounds", 1))
+            gradient_projections = [then_context(p, context_spaces[t.name], t.transposed, rounds)
+                                    for p, t in zip(gradient_projections or projections, targets)]
+            projections = [then_context(p, context_spaces[t.name], t.transposed, rounds)
+                           for p, t in zip(projections, targets)]
     optimizer = ProjectedAdam([t.param for t in targets], projections, mode=mode, lr=hparams.lr,
                               weight_decay=hparams.weight_decay, gradient_projections=gradient_projections)
     generator = torch.Generator().manual_seed(hparams.seed)

@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from .choices import (  # noqa: F401 - re-exported
-    CURVATURE_AT, CURVATURE_FACTORS, EDIT_POSITIONS, FISHER_TYPES, GRADIENT_PROJECTION_DTYPES, MOM2_CHAT_FORMATS,
+    CONTEXT_NULL_SPACE_COMPOSITIONS, CURVATURE_AT, CURVATURE_FACTORS, EDIT_POSITIONS, FISHER_TYPES, GRADIENT_PROJECTION_DTYPES, MOM2_CHAT_FORMATS,
     PROJECTION_MODES,
 )
 from .templates import NAMED_FORMATS, check_format
@@ -155,7 +155,13 @@ class CrispEditHyperParams:
     context_null_space_rounds: int = _f(1, "Alternating projections per projection between the capability "
                                            "projection and the context null space (von Neumann): more rounds leave "
                                            "less of the change in the capability projection's removed directions; "
-                                           "the change always ends in the context null space.")
+                                           "the change always ends in the context null space. Only with "
+                                           "context_null_space_composition 'alternate'.")
+    context_null_space_composition: str = _f("alternate", "How the capability projection and the context null "
+                                                          "space are composed: 'alternate' (context_null_space_rounds "
+                                                          "of each in turn) or 'exact' (the orthogonal projection "
+                                                          "onto their intersection, "
+                                                          "crispedit_easyedit.context_null_space.ExactIntersection).")
     context_prefixes: int = _f(0, "Number of context prefixes (crispedit_easyedit.context_prefixes): short texts "
                                   "the model writes at the call's start (seeded, ROME/MEMIT's context templates); "
                                   "every epoch adds one raw example per edit whose prompt follows a prefix drawn "
@@ -317,6 +323,16 @@ class CrispEditHyperParams:
             raise ValueError(f"context_null_space_rounds {self.context_null_space_rounds!r} has no effect without "
                              f"context_null_space_energy > 0 (got {self.context_null_space_energy!r}); set both or "
                              f"leave the rounds at 1")
+        _check_choice("context_null_space_composition", self.context_null_space_composition,
+                      CONTEXT_NULL_SPACE_COMPOSITIONS)
+        if self.context_null_space_composition != "alternate" and self.context_null_space_energy <= 0:
+            raise ValueError(f"context_null_space_composition {self.context_null_space_composition!r} has no effect "
+                             f"without context_null_space_energy > 0 (got {self.context_null_space_energy!r}); set "
+                             f"both or leave it at 'alternate'")
+        if self.context_null_space_rounds != 1 and self.context_null_space_composition != "alternate":
+            raise ValueError(f"context_null_space_rounds {self.context_null_space_rounds!r} applies to "
+                             f"context_null_space_composition 'alternate' only; 'exact' projects onto the "
+                             f"intersection in one step (got {self.context_null_space_composition!r})")
         if self.context_null_space_energy > 0 and self.projection_mode not in ("gradient", "update", "both"):
             raise ValueError(f"context_null_space_energy {self.context_null_space_energy!r} needs projection_mode "
                              f"'gradient', 'update' or 'both' (it projects each step after the capability "

@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from crispedit_easyedit.context_null_space import ContextNullSpace, context_covariances
+from crispedit_easyedit.context_null_space import ContextNullSpace, ExactIntersection, context_covariances
+from crispedit_easyedit.projector import KroneckerProjector
 from crispedit_easyedit.editing import (
     apply_crispedit, chunk_context_null_spaces, collate, edit_examples, edit_key_positions, edit_targets,
 )
@@ -132,6 +133,89 @@ def test_alternating_rounds_leave_less_of_the_change_in_the_removed_directions()
     assert leaks[1] < 0.7 * leaks[0], leaks
 
 
+def _projector_and_space(d_out: int, d_in: int, rank: int, gamma: float, seed: int):
+    """A K-FAC projector from random factors (distinct spectra) and a context null space of ``rank`` directions."""
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(3 * d_in, d_in, generator=generator, dtype=torch.float64)
+    Y = torch.randn(3 * d_out, d_out, generator=generator, dtype=torch.float64)
+    projector = KroneckerProjector.from_factors(X.T @ X, Y.T @ Y, gamma, dtype=torch.float64)
+    C = torch.randn(rank, d_in, generator=generator, dtype=torch.float64)
+    return projector, ContextNullSpace.from_covariance(C.T @ C, 0.9999, context_tokens=rank), C
+
+
+def _dense_intersection(projector: KroneckerProjector, space: ContextNullSpace, mask=None) -> torch.Tensor:
+    """Dense oracle on vec(dW) (row-major, d_out * d_in): an orthonormal basis of the kept Kronecker eigenvectors,
+    then the null space of the context constraint vec(dW U) = 0 inside it; returns the projector (n, n)."""
+    mask = projector.mask if mask is None else mask
+    U_S, U_A = projector.basis_out.double(), projector.basis_in.double()
+    kept = [torch.outer(U_S[:, i], U_A[:, j]).flatten() for i, j in torch.nonzero(mask).tolist()]
+    K = torch.stack(kept, dim=1)  # (n, kept): orthonormal columns
+    d_out, d_in = mask.shape
+    constraint = torch.kron(torch.eye(d_out, dtype=torch.float64), space.basis.double().T.contiguous())  # vec(dW U)
+    inside = constraint @ K
+    _, singular, Vh = torch.linalg.svd(inside, full_matrices=True)
+    rank = int((singular > 1e-9).sum())
+    N = K @ Vh[rank:].T  # (n, dim): orthonormal basis of the intersection
+    return N @ N.T
+
+
+def test_the_exact_intersection_is_the_dense_projector_onto_both_subspaces():
+    """Against a dense oracle (vec space of 6 x 9 changes): one group per prefix length reproduces the projection
+    onto {dW in the capability kept span, dW U = 0} exactly, in either storage orientation, with no leak."""
+    projector, space, C = _projector_and_space(6, 9, rank=3, gamma=0.6, seed=3)
+    exact = ExactIntersection(projector, space, max_groups=100)
+    assert exact.dropped_share == 0.0
+    oracle = _dense_intersection(projector, space)
+    assert exact.dimension == round(float(torch.trace(oracle)))
+    dW = torch.randn(6, 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    projected = exact(dW)
+    torch.testing.assert_close(projected.flatten(), oracle @ dW.flatten(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(projector.project(projected), projected, atol=1e-10, rtol=0)  # no capability leak
+    # acts on no context input (up to the float32 storage of the protected basis)
+    assert float((projected @ C.T).norm()) < 1e-6 * float(projected.norm()) * float(C.norm())
+    assert float(projected.norm()) > 0.1 * float(dW.norm())  # a real subspace, not the zero map
+
+
+def test_grouped_prefixes_project_orthogonally_onto_a_smaller_subspace_of_the_intersection():
+    """With fewer groups than prefix lengths, each row's prefix is shortened: the map is the dense projector onto
+    the intersection with that shortened mask, which lies inside the full intersection."""
+    projector, space, _ = _projector_and_space(8, 10, rank=3, gamma=0.5, seed=5)
+    full = ExactIntersection(projector, space, max_groups=100)
+    grouped = ExactIntersection(projector, space, max_groups=2)
+    assert len(grouped.groups) <= 2 < len(full.groups) and 0.0 < grouped.dropped_share < 1.0
+    shortened = torch.zeros_like(projector.mask)
+    for rows, length, _ in grouped.groups:
+        shortened[rows[:, None], grouped.order[None, :length]] = True
+    assert bool((projector.mask | ~shortened).all())  # a subset of the kept coordinates
+    oracle = _dense_intersection(projector, space, shortened)
+    dW = torch.randn(8, 10, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    torch.testing.assert_close(grouped(dW).flatten(), oracle @ dW.flatten(), atol=1e-10, rtol=0)
+    assert grouped.dimension == round(float(torch.trace(oracle))) < full.dimension
+    outer = _dense_intersection(projector, space)
+    torch.testing.assert_close(outer @ oracle, oracle, atol=1e-10, rtol=0)  # inside the full intersection
+
+
+def test_the_exact_composition_leaves_nothing_in_either_removed_set():
+    """Through apply_crispedit: under 'exact' the change is in the context null space and leaks nothing into the
+    capability projector's removed directions (the alternating single round leaves a measurable share there)."""
+    tok = tiny_tokenizer()
+    leaks = {}
+    for composition in ("alternate", "exact"):
+        model = tiny_llama()
+        hp = hparams(edit_positions="subject_last_only", max_length=64, num_steps=10, lr=0.05,
+                     energy_threshold=0.3, context_null_space_energy=0.99,
+                     context_null_space_composition=composition)
+        before = copy.deepcopy(model)
+        spaces = chunk_context_null_spaces(before, tok, FACTS, hp, edit_targets(before, hp))
+        report = apply_crispedit(model, tok, FACTS, hp, factors=corpus_factors(before, hp, tok), progress=False)
+        leaks[composition] = max(report.chunk_leak_fractions[0].values())
+        for name, space in spaces.items():
+            dW = (model.get_parameter(name) - before.get_parameter(name)).detach().double()
+            assert float(dW.norm()) > 0
+            assert float((dW @ space.basis.double()).norm()) < 1e-5 * float(dW.norm())
+    assert leaks["exact"] < 1e-5 < 0.01 < leaks["alternate"], leaks
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(context_null_space_energy=0.9), "needs a keyed edit_positions, one of \\['subject_last', "
                                           "'subject_last_only'\\]"),
@@ -140,6 +224,11 @@ def test_alternating_rounds_leave_less_of_the_change_in_the_removed_directions()
     (dict(context_null_space_energy=1.0, edit_positions="subject_last_only"), "must be in \\[0, 1\\)"),
     (dict(context_null_space_energy=-0.1, edit_positions="subject_last_only"), "context_null_space_energy"),
     (dict(context_null_space_rounds=3), "context_null_space_rounds 3 has no effect without"),
+    (dict(context_null_space_composition="exact"), "context_null_space_composition 'exact' has no effect without"),
+    (dict(context_null_space_composition="closest", context_null_space_energy=0.9, edit_positions="subject_last_only"),
+     "context_null_space_composition.*'alternate', 'exact'"),
+    (dict(context_null_space_rounds=4, context_null_space_composition="exact", context_null_space_energy=0.9,
+          edit_positions="subject_last_only"), "applies to context_null_space_composition 'alternate' only"),
     (dict(context_null_space_rounds=0, context_null_space_energy=0.9, edit_positions="subject_last_only"),
      "context_null_space_rounds"),
 ])
