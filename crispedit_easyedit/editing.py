@@ -451,7 +451,8 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     weight change also acts only there, every other position of the edit examples seeing ``starting_weights``
     (name -> the weight as stored; default: a copy of the weights at the start of this call). With
     ``context_spaces`` (name -> :class:`~crispedit_easyedit.context_null_space.ContextNullSpace`) the gradient's and
-    the step's projections are each followed by the context null space's. The caller handles requires_grad flags
+    the step's projections are each followed by the context null space's (``context_null_space_rounds`` times in
+    turn), or under ``context_null_space_composition`` "exact" replaced by the projection onto the intersection. The caller handles requires_grad flags
     and restoration.
 
     Returns:
