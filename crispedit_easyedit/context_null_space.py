@@ -136,7 +136,7 @@ class ExactIntersection:
 
     With more distinct prefix lengths than ``max_groups``, each row's prefix is shortened to the nearest group length
     at or below it: a smaller subspace of K (the projection is still orthogonal, onto that subspace), the share of
-    kept coordinates given up is ``dropped_share``. Memory: one float32 (k, rank) basis per group (at most
+    kept coordinates given up is ``dropped_share``. Memory: one (k, rank) basis per group (at most
     ``max_groups`` x d_in x r elements per layer; 32 x 1536 x 700 float32 = 138 MiB on SmolLM2 at 100 edits).
     Works in the projector's basis dtype (at least float32); the group bases are built in float64.
 

@@ -452,8 +452,8 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
     (name -> the weight as stored; default: a copy of the weights at the start of this call). With
     ``context_spaces`` (name -> :class:`~crispedit_easyedit.context_null_space.ContextNullSpace`) the gradient's and
     the step's projections are each followed by the context null space's (``context_null_space_rounds`` times in
-    turn), or under ``context_null_space_composition`` "exact" replaced by the projection onto the intersection. The caller handles requires_grad flags
-    and restoration.
+    turn), or under ``context_null_space_composition`` "exact" replaced by the projection onto the intersection.
+    The caller handles requires_grad flags and restoration.
 
     Returns:
         (epochs run, optimizer steps, mean loss per epoch).
@@ -479,7 +479,7 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
                              f"{mode!r}")
         if getattr(hparams, "context_null_space_composition", "alternate") == "exact":
             projections = [_exact_intersection_fn(t, projectors[t.name], context_spaces[t.name]) for t in targets]
-            gradient_projections = None  # the intersection is projected in float32, gradient and step alike
+            gradient_projections = None  # gradient and step alike, in the basis dtype
         else:
             rounds = int(getattr(hparams, "context_null_space_rounds", 1))
             gradient_projections = [then_context(p, context_spaces[t.name], t.transposed, rounds)
