@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from crispedit_easyedit.context_null_space import ContextNullSpace, ExactIntersection, context_covariances
-from crispedit_easyedit.projector import KroneckerProjector
 from crispedit_easyedit.editing import (
     apply_crispedit, chunk_context_null_spaces, collate, edit_examples, edit_key_positions, edit_targets,
 )
 from crispedit_easyedit.hparams import CrispEditHyperParams
+from crispedit_easyedit.projector import KroneckerProjector
 from tests.test_editing import corpus_factors, hparams
 from tests.test_key_positions import FACTS
 from tests.tiny_models import tiny_llama, tiny_tokenizer
@@ -161,7 +161,8 @@ def _dense_intersection(projector: KroneckerProjector, space: ContextNullSpace, 
 
 def test_the_exact_intersection_is_the_dense_projector_onto_both_subspaces():
     """Against a dense oracle (vec space of 6 x 9 changes): one group per prefix length reproduces the projection
-    onto {dW in the capability kept span, dW U = 0} exactly, in either storage orientation, with no leak."""
+    onto {dW in the capability kept span, dW U = 0} exactly, with no leak (GPT-2's transposed storage: the chunk
+    test below)."""
     projector, space, C = _projector_and_space(6, 9, rank=3, gamma=0.6, seed=3)
     exact = ExactIntersection(projector, space, max_groups=100)
     assert exact.dropped_share == 0.0
@@ -237,17 +238,20 @@ def test_bad_context_null_space_settings_are_named(overrides, message):
         CrispEditHyperParams(model_name="m", layers=[1], **overrides)
 
 
-def test_each_chunk_protects_its_own_context_and_a_conv1d_weight_is_projected_on_its_input_side():
+@pytest.mark.parametrize("composition", ["alternate", "exact"])
+def test_each_chunk_protects_its_own_context_and_a_conv1d_weight_is_projected_on_its_input_side(composition):
     """GPT-2 stores c_proj as (d_in, d_out): the change of every chunk (CrispEdit-Seq, chunks of 2 edits) leaves the
-    protected input directions of that chunk's context, taken at the weights the chunk started from, untouched.
-    (Layers 0 and 1 of 3: a keyed change in the last block reaches no target through attention.)"""
+    protected input directions of that chunk's context, taken at the weights the chunk started from, untouched;
+    under 'exact' it also leaves nothing in the removed directions of that chunk's projector (capability merged
+    with the earlier chunk's statistics). (Layers 0 and 1 of 3: a keyed change in the last block reaches no
+    target through attention.)"""
     import crispedit_easyedit.editing as editing
     from tests.tiny_models import tiny_gpt2
 
     tok, model = tiny_tokenizer(), tiny_gpt2()
     hp = hparams(layers=[0, 1], rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", max_length=64,
                  num_steps=5, lr=2e-2, chunk_size=2, edit_positions="subject_last_only",
-                 context_null_space_energy=0.95)
+                 context_null_space_energy=0.95, context_null_space_composition=composition)
     targets = edit_targets(model, hp)
     assert all(t.transposed for t in targets)
     chunk_starts, built = [], []
@@ -272,3 +276,13 @@ def test_each_chunk_protects_its_own_context_and_a_conv1d_weight_is_projected_on
             basis = spaces[t.name].basis.double()
             assert float(change.norm()) > 0
             assert float((basis.T @ change).norm()) < 1e-5 * float(change.norm())
+    if composition == "exact":
+        assert max(max(leaks.values()) for leaks in report.chunk_leak_fractions) < 1e-5
+
+
+def test_a_mask_that_is_not_nested_is_refused_by_name():
+    """The row grouping needs the energy rule's nested mask; any other mask is refused, naming the alternative."""
+    projector, space, _ = _projector_and_space(4, 5, rank=2, gamma=0.5, seed=7)
+    projector.mask = torch.tensor([[True, False, True, False, False]] * 2 + [[False, True, False, True, False]] * 2)
+    with pytest.raises(ValueError, match="does not keep a prefix of one column order.*alternating rounds"):
+        ExactIntersection(projector, space)
