@@ -174,8 +174,9 @@ class ExactIntersection:
             if length == 0 or rows.numel() == 0:
                 continue
             head = coupling[:length]  # (k, r)
-            gram_values, gram_vectors = torch.linalg.eigh(head.T @ head)  # (r,), (r, r)
-            tolerance = max(float(gram_values.max()), 0.0) * head.shape[1] * torch.finfo(torch.float64).eps * 1e3
+            gram_values, gram_vectors = stable_eigh(head.T @ head, torch.float64,  # (r,), (r, r); clamped >= 0
+                                                    f"context Gram matrix of the first {length} input eigenvectors")
+            tolerance = float(gram_values.max()) * head.shape[1] * torch.finfo(torch.float64).eps * 1e3
             spanned = gram_values > tolerance
             span = head @ (gram_vectors[:, spanned] / gram_values[spanned].sqrt())  # (k, rank) orthonormal
             dimension += rows.numel() * (length - span.shape[1])
@@ -190,9 +191,9 @@ class ExactIntersection:
         rotated = self.projector.rotate(tensor).to(self.dtype)  # (d_out, d_in) eigen-coordinates
         projected = torch.zeros_like(rotated)
         for rows, length, span in self.groups:
-            columns = self.order[:length]
-            block = rotated[rows][:, columns]  # (rows, k)
-            projected[rows[:, None], columns[None, :]] = block - (block @ span) @ span.T
+            index = (rows[:, None], self.order[None, :length])
+            block = rotated[index]  # (rows, k): one gather
+            projected[index] = block - (block @ span) @ span.T
         return self.projector.unrotate(projected).to(tensor.dtype)
 
 
