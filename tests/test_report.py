@@ -157,6 +157,21 @@ def test_the_tuning_choice_is_the_best_score_within_the_perplexity_bound():
     assert report.tuning_choices(forgetful)[0][2].startswith("raw: score")
 
 
+def test_the_report_command_joins_several_results_files_into_one_report(tmp_path):
+    """The 100- and the 300-edit files of one setting, given together, draw the number-of-edits sweep that neither
+    file draws alone."""
+    files = []
+    for n in (10, 30):
+        files.append(tmp_path / f"zsre-0-{n}.jsonl")
+        files[-1].write_text(json.dumps(fake_row("crispedit", n=n)) + "\n" + json.dumps(fake_row("ft", n=n)) + "\n")
+    assert report.main([str(files[0]), "--out", str(tmp_path / "one")]) == 0
+    assert not (tmp_path / "one" / "n-sweep.png").exists()
+    assert report.main([str(f) for f in files] + ["--out", str(tmp_path / "both")]) == 0
+    assert (tmp_path / "both" / "n-sweep.png").read_bytes().startswith(PNG)
+    text = (tmp_path / "both" / "report.md").read_text()
+    assert text.startswith("# Side-by-side results (4 runs)") and "## Number-of-edits sweep" in text
+
+
 def test_the_report_command_says_what_is_wrong_with_its_input(tmp_path, capsys):
     assert report.main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -347,17 +347,18 @@ def retention_table(runs: Sequence[RunSummary]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``crispedit-bench-report RESULTS.jsonl --out DIR``."""
+    """``crispedit-bench-report RESULTS.jsonl [MORE.jsonl ...] --out DIR``: one report over the rows of every file
+    (e.g. the 100- and the 300-edit files together draw the number-of-edits sweep)."""
     from .harness import read_rows
 
     parser = argparse.ArgumentParser(prog="crispedit-bench-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", help="a results file written by crispedit-bench (JSON lines)")
+    parser.add_argument("results", nargs="+", help="results files written by crispedit-bench (JSON lines)")
     parser.add_argument("--out", required=True, help="folder for report.md and the PNG plots")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        path = build_report(read_rows(args.results), args.out)
+        path = build_report([row for results in args.results for row in read_rows(results)], args.out)
     except (FileNotFoundError, ValueError) as exc:
         print(f"crispedit-bench-report: error: {exc}", file=sys.stderr)
         return 2
