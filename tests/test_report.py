@@ -172,6 +172,17 @@ def test_the_report_command_joins_several_results_files_into_one_report(tmp_path
     assert text.startswith("# Side-by-side results (4 runs)") and "## Number-of-edits sweep" in text
 
 
+def test_a_sweep_line_goes_through_the_mean_over_seeds_at_each_size():
+    from crispedit_easyedit.bench.plots import sweep_points
+
+    runs = [report.summarize(fake_row("ft", n=n, seed=seed, reliability=r))
+            for n, seed, r in ((100, 0, 0.6), (300, 0, 0.9), (100, 1, 0.5))]
+    xs, means, singles = sweep_points(runs, "n_edits", lambda run: run.reliability["tf"])
+    assert xs == [100, 300]
+    assert means == pytest.approx([0.55, 0.9])
+    assert sorted(singles) == [(100, pytest.approx(0.5)), (100, pytest.approx(0.6))]  # only where seeds repeat
+
+
 def test_the_report_command_says_what_is_wrong_with_its_input(tmp_path, capsys):
     assert report.main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err

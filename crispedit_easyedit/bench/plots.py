@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import defaultdict
 from pathlib import Path
 from typing import Mapping
 
@@ -119,16 +120,32 @@ _SWEEP_PANELS = (("reliability (TF)", lambda r: r.reliability.get("tf")),
                  ("held-out KL", lambda r: r.kl))
 
 
+def sweep_points(runs, x: str, value) -> tuple[list[float], list[float], list[tuple[float, float]]]:
+    """The points of one sweep line: the distinct values of attribute ``x``, sorted; at each, the mean of ``value(run)``
+    over its runs (seeds); and every single run's ``(x, value)`` where an ``x`` has more than one run. Runs whose
+    value is None are left out."""
+    by_x: dict[float, list[float]] = defaultdict(list)
+    for run in runs:
+        if value(run) is not None:
+            by_x[getattr(run, x)].append(value(run))
+    xs = sorted(by_x)
+    singles = [(at, v) for at in xs if len(by_x[at]) > 1 for v in by_x[at]]
+    return xs, [sum(by_x[at]) / len(by_x[at]) for at in xs], singles
+
+
 def plot_sweep(series, x: str, x_label: str, path: str | Path, title: str = "") -> Path:
     """One panel per metric (reliability, generalisation, locality, perplexity change, KL) against attribute ``x``
-    of ``report.RunSummary``; one line per series (``{label: runs sorted by x}``)."""
+    of ``report.RunSummary``; one line per series (``{label: runs sorted by x}``) through the mean over the runs
+    (seeds) at each ``x``, and a faint dot per run where there are several."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(_SWEEP_PANELS), figsize=(4 * len(_SWEEP_PANELS), 3.6))
     for ax, (name, value) in zip(axes, _SWEEP_PANELS):
         for label, runs in series.items():
-            pairs = [(getattr(r, x), value(r)) for r in runs if value(r) is not None]
-            if pairs:
-                ax.plot(*zip(*pairs), marker="o", label=label)
+            xs, means, singles = sweep_points(runs, x, value)
+            if xs:
+                (line,) = ax.plot(xs, means, marker="o", label=label)
+                if singles:
+                    ax.scatter(*zip(*singles), s=12, alpha=0.4, color=line.get_color())
         ax.set_xlabel(x_label)
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
