@@ -126,8 +126,9 @@ def sweep_points(runs, x: str, value) -> tuple[list[float], list[float], list[tu
     value is None are left out."""
     by_x: dict[float, list[float]] = defaultdict(list)
     for run in runs:
-        if value(run) is not None:
-            by_x[getattr(run, x)].append(value(run))
+        measured = value(run)
+        if measured is not None:
+            by_x[getattr(run, x)].append(measured)
     xs = sorted(by_x)
     singles = [(at, v) for at in xs if len(by_x[at]) > 1 for v in by_x[at]]
     return xs, [sum(by_x[at]) / len(by_x[at]) for at in xs], singles
