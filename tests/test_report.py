@@ -97,6 +97,19 @@ def test_the_pareto_front_keeps_exactly_the_undominated_points():
     assert {label for label, p in points.items() if p.on_front} == {"crispedit", "ft"}
 
 
+
+def test_the_pareto_key_numbers_every_point_in_order_and_wraps_long_settings():
+    from crispedit_easyedit.bench.plots import pareto_key
+
+    long = "crispedit (" + ", ".join(f"option_{i}=value_{i}" for i in range(12)) + ")"
+    points = [report.ParetoPoint("ft", 0.5, 0.1), report.ParetoPoint(long, 0.9, 0.2)]
+    key = pareto_key(points, width=60)
+    assert key[0] == "1: ft"
+    lines = key[1].split("\n")
+    assert lines[0].startswith("2: crispedit (option_0=value_0") and len(lines) > 2
+    assert all(len(line) <= 60 for line in lines) and all(line.startswith("    ") for line in lines[1:])
+    assert " ".join(line.strip() for line in lines) == f"2: {long}"  # nothing of the label lost
+
 def test_the_table_shows_teacher_forced_and_wild_side_by_side_and_dashes_for_what_was_not_measured():
     summary = report.summarize(fake_row("crispedit", reliability=0.9, generalization=0.8, kl=0.0123))
     line = report.markdown_table([summary]).splitlines()[2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping
@@ -90,16 +91,28 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def pareto_key(points, width: int = 130) -> list[str]:
+    """The key of a Pareto chart: ``"i: label"`` for the i-th point (from 1), wrapped at ``width`` characters with
+    continuation lines indented. The chart marks each point with its number only, so that long settings neither
+    hide one another nor squeeze the axes."""
+    return [textwrap.fill(f"{index}: {p.label}", width, subsequent_indent="    ")
+            for index, p in enumerate(points, start=1)]
+
+
 def plot_pareto(points, path: str | Path, title: str = "", drift_label: str = "held-out KL",
                 success_label: str = "edit success: mean TF reliability and generalisation") -> Path:
-    """Edit success (y) against capability drift (x), one labelled point per method/setting; points on the Pareto
-    front (``report.ParetoPoint.on_front``) are filled and joined, the others hollow."""
+    """Edit success (y) against capability drift (x), one numbered point per method/setting with the key
+    (:func:`pareto_key`) below the axes; points on the Pareto front (``report.ParetoPoint.on_front``) are filled
+    and joined, the others hollow."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for p in points:
+    key = pareto_key(points)
+    key_height = 0.3 + 0.14 * sum(entry.count("\n") + 1 for entry in key)  # inches, about one line of 7 pt each
+    fig, (ax, key_ax) = plt.subplots(2, 1, figsize=(9, 5 + key_height),
+                                     gridspec_kw={"height_ratios": [5, key_height]})
+    for index, p in enumerate(points, start=1):
         ax.scatter([p.drift], [p.success], s=60, zorder=3, facecolors="C0" if p.on_front else "none",
                    edgecolors="C0")
-        ax.annotate(p.label, (p.drift, p.success), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.annotate(str(index), (p.drift, p.success), textcoords="offset points", xytext=(5, 4), fontsize=8)
     front = sorted((p for p in points if p.on_front), key=lambda p: p.drift)
     if len(front) > 1:
         ax.plot([p.drift for p in front], [p.success for p in front], color="C0", linestyle="--", linewidth=1,
@@ -109,6 +122,8 @@ def plot_pareto(points, path: str | Path, title: str = "", drift_label: str = "h
     ax.set_ylabel(success_label)
     ax.set_title(title or "Edit success vs capability drift")
     ax.grid(alpha=0.3)
+    key_ax.axis("off")
+    key_ax.text(0.0, 1.0, "\n".join(key), va="top", ha="left", fontsize=7, transform=key_ax.transAxes)
     return _save(fig, path)
 
 
