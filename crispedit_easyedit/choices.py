@@ -15,6 +15,11 @@ CURVATURE_FACTORS: tuple[str, ...] = ("kfac", "activation")
 covariance alone (Adam-NSCL's / AlphaEdit's input-side nullspace, paper Proposition 1): whole eigendirections of A
 are removed, for every output row alike."""
 
+ADAM_SCALINGS: tuple[str, ...] = ("elementwise", "per_matrix")
+"""Adam's second moment: one per weight entry (Adam), or one per weight matrix, the running mean of the squared
+gradient over its entries, so that each step is the momentum scaled by one number and stays in the span of the
+(projected) gradients instead of being reshaped entry by entry."""
+
 GRADIENT_PROJECTION_DTYPES: tuple[str, ...] = ("basis", "bfloat16", "auto")
 """Precision of the gradient's projection (modes "gradient", "both") or rotation (mode "eigenbasis"): the eigenbasis'
 own dtype, bfloat16 matmuls (about 4x faster with native bf16; the step's projection stays in the basis dtype, so

@@ -487,7 +487,8 @@ def finetune_projected(model: nn.Module, tok, requests: Sequence[Mapping[str, An
             projections = [then_context(p, context_spaces[t.name], t.transposed, rounds)
                            for p, t in zip(projections, targets)]
     optimizer = ProjectedAdam([t.param for t in targets], projections, mode=mode, lr=hparams.lr,
-                              weight_decay=hparams.weight_decay, gradient_projections=gradient_projections)
+                              weight_decay=hparams.weight_decay, gradient_projections=gradient_projections,
+                              scaling=getattr(hparams, "adam_scaling", "elementwise"))
     generator = torch.Generator().manual_seed(hparams.seed)
     history: list[float] = []
     steps = 0

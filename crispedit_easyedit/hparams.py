@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from .choices import (  # noqa: F401 - re-exported
-    CONTEXT_NULL_SPACE_COMPOSITIONS, CURVATURE_AT, CURVATURE_FACTORS, EDIT_POSITIONS, FISHER_TYPES,
+    ADAM_SCALINGS, CONTEXT_NULL_SPACE_COMPOSITIONS, CURVATURE_AT, CURVATURE_FACTORS, EDIT_POSITIONS, FISHER_TYPES,
     GRADIENT_PROJECTION_DTYPES, MOM2_CHAT_FORMATS, PROJECTION_MODES,
 )
 from .templates import NAMED_FORMATS, check_format
@@ -108,6 +108,9 @@ class CrispEditHyperParams:
     num_steps: int = _f(25, "Number of epochs over the edit requests (paper: 25).")
     lr: float = _f(5e-4, "Adam learning rate (paper: 5e-4).")
     weight_decay: float = _f(0.0, "Adam weight decay (decoupled, AdamW-style).")
+    adam_scaling: str = _f("elementwise", "Adam's second moment: 'elementwise' (Adam, one per weight entry) or "
+                                          "'per_matrix' (one per edited matrix, so each step stays in the span of "
+                                          "the projected gradients; crispedit_easyedit.optim).")
     batch_size: int = _f(1, "EasyEdit's meaning: edits per call of the apply function (batch_edit cuts the requests "
                             "into chunks of this size; GitHub main's edit() requires 1). Each call runs one "
                             "Algorithm 1 on its edits; see train_batch_size for the optimiser minibatch.")
@@ -313,6 +316,7 @@ class CrispEditHyperParams:
         _check_choice("mom2_dtype", self.mom2_dtype, tuple(MOM2_DTYPES))
         _check_choice("fisher_type", self.fisher_type, FISHER_TYPES)
         _check_choice("projection_mode", self.projection_mode, PROJECTION_MODES)
+        _check_choice("adam_scaling", self.adam_scaling, ADAM_SCALINGS)
         _check_choice("curvature_factors", self.curvature_factors, CURVATURE_FACTORS)
         _check_choice("edit_positions", self.edit_positions, EDIT_POSITIONS)
         if self.context_null_space_energy > 0 and self.edit_positions == "all":

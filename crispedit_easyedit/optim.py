@@ -25,6 +25,14 @@ The optimizer keeps an fp32 master copy of every parameter stored in a lower pre
 math in fp32; the model's weights are overwritten with the rounded master after each step. (Rounding to bf16 then
 perturbs removed directions at the level of bf16 resolution; the master copy itself stays in the subspace.)
 
+Adam's scaling (``scaling``): "elementwise" is Adam, one second moment per weight entry (or per eigen-coordinate in
+mode "eigenbasis"). "per_matrix" keeps one second moment per weight matrix, the running mean of the squared gradient
+over its entries (Adam-mini's one learning rate per block, with the matrix as the block): the step is the bias-corrected
+momentum divided by one number, so it stays in the span of the (projected) gradients. Elementwise scaling reshapes
+each step entry by entry, which moves the change into input directions no gradient came from (for an edit keyed on
+one token: directions of the other tokens' inputs). Its step has the same root-mean-square size as Adam's when the
+gradient is steady, so a learning rate carries over.
+
 Weight decay is decoupled (AdamW) and, in "update" and "both" modes, part of the projected step; in "eigenbasis"
 mode only its kept eigen-coordinates are applied.
 """
@@ -37,7 +45,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from .checks import NonFiniteError, check_finite_step  # noqa: F401 - NonFiniteError is what step() raises
-from .choices import PROJECTION_MODES
+from .choices import ADAM_SCALINGS, PROJECTION_MODES
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
@@ -65,6 +73,7 @@ class ProjectedAdam:
             instead of callables.
         mode: one of ``PROJECTION_MODES``.
         lr, betas, eps, weight_decay: as in torch.optim.AdamW.
+        scaling: one of ``ADAM_SCALINGS``: Adam's second moment per entry ("elementwise") or per matrix.
         gradient_projections: what projects (modes "gradient", "both") or rotates (mode "eigenbasis") the gradient,
             one per parameter like ``projections`` (default: ``projections``); the step always goes through
             ``projections``. An "eigenbasis" gradient projection must rotate into the same eigenbasis (its mask is
@@ -73,9 +82,12 @@ class ProjectedAdam:
 
     def __init__(self, params: Iterable[torch.nn.Parameter], projections: Iterable[Projection | None],
                  mode: str = "both", lr: float = 5e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, gradient_projections: Iterable[Projection | None] | None = None):
+                 weight_decay: float = 0.0, gradient_projections: Iterable[Projection | None] | None = None,
+                 scaling: str = "elementwise"):
         if mode not in PROJECTION_MODES:
             raise ValueError(f"projection_mode must be one of {PROJECTION_MODES}, got {mode!r}")
+        if scaling not in ADAM_SCALINGS:
+            raise ValueError(f"adam_scaling must be one of {ADAM_SCALINGS}, got {scaling!r}")
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be > 0 and finite, got {lr!r}")
         self.params = list(params)
@@ -99,12 +111,14 @@ class ProjectedAdam:
                     raise TypeError(f"projection_mode 'eigenbasis' needs a gradient projection with rotate wherever "
                                     f"there is a projection; gradient projection {i} is {type(projection).__name__}")
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.scaling = scaling
         self.step_count = 0
         self.master = [p.detach().to(torch.float32).clone() if p.dtype != torch.float32 else None for p in self.params]
         # Adam's moments (fp32, beside each parameter): of the parameter's shape, or of the (d_out, d_in)
         # eigen-coordinates in mode "eigenbasis" (on the basis' device)
         self.exp_avg = [self._zero_moment(p, q) for p, q in zip(self.params, self.projections)]
-        self.exp_avg_sq = [self._zero_moment(p, q) for p, q in zip(self.params, self.projections)]
+        self.exp_avg_sq = [self._zero_moment(p, q) if scaling == "elementwise" else torch.zeros((), device=m.device)
+                           for p, q, m in zip(self.params, self.projections, self.exp_avg)]
 
     def _zero_moment(self, param: torch.nn.Parameter, projection) -> torch.Tensor:
         if self.mode == "eigenbasis" and projection is not None:
@@ -145,7 +159,10 @@ class ProjectedAdam:
             elif self.mode in ("gradient", "both") and self.gradient_projections[i] is not None:
                 grad = self.gradient_projections[i](grad).to(torch.float32)
             self.exp_avg[i].mul_(beta1).add_(grad, alpha=1 - beta1)
-            self.exp_avg_sq[i].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            if self.scaling == "elementwise":
+                self.exp_avg_sq[i].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            else:  # one second moment for the matrix: the mean square of its gradient's entries
+                self.exp_avg_sq[i].mul_(beta2).add_(grad.square().mean(), alpha=1 - beta2)
             denom = (self.exp_avg_sq[i] / bias2).sqrt_().add_(self.eps)
             update = (self.exp_avg[i] / bias1) / denom
             if basis is not None:

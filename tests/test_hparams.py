@@ -93,6 +93,7 @@ def test_every_field_has_help_text() -> None:
         ("fisher_type", "type-2", "fisher_type must be one of 'mc', 'empirical'; got 'type-2'"),
         ("mc_samples", 0, "mc_samples must be an integer >= 1"),
         ("projection_mode", "step", "projection_mode must be one of 'gradient', 'update', 'both', 'eigenbasis', 'none'"),
+        ("adam_scaling", "per_row", "adam_scaling must be one of 'elementwise', 'per_matrix'; got 'per_row'"),
         ("gradient_projection_dtype", "fp8", "gradient_projection_dtype must be one of 'basis', 'bfloat16', 'auto'"),
         ("curvature_seq_len", 1, "curvature_seq_len must be an integer >= 2"),
         ("curvature_batch_size", 0, "curvature_batch_size must be an integer >= 1"),
