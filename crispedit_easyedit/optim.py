@@ -27,11 +27,11 @@ perturbs removed directions at the level of bf16 resolution; the master copy its
 
 Adam's scaling (``scaling``): "elementwise" is Adam, one second moment per weight entry (or per eigen-coordinate in
 mode "eigenbasis"). "per_matrix" keeps one second moment per weight matrix, the running mean of the squared gradient
-over its entries (Adam-mini's one learning rate per block, with the matrix as the block): the step is the bias-corrected
-momentum divided by one number, so it stays in the span of the (projected) gradients. Elementwise scaling reshapes
-each step entry by entry, which moves the change into input directions no gradient came from (for an edit keyed on
-one token: directions of the other tokens' inputs). Its step has the same root-mean-square size as Adam's when the
-gradient is steady, so a learning rate carries over.
+over its entries (Adam-mini's one learning rate per block, with the matrix as the block): the step is the
+bias-corrected momentum divided by one number, so (weight decay aside) it stays in the span of the (projected)
+gradients. Elementwise scaling reshapes each step entry by entry, which moves the change into input directions no
+gradient came from (for an edit keyed on one token: directions of the other tokens' inputs). Its step has the same
+root-mean-square size as Adam's when the gradient is steady, so a learning rate carries over.
 
 Weight decay is decoupled (AdamW) and, in "update" and "both" modes, part of the projected step; in "eigenbasis"
 mode only its kept eigen-coordinates are applied.
