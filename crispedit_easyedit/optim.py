@@ -118,7 +118,7 @@ class ProjectedAdam:
         # eigen-coordinates in mode "eigenbasis" (on the basis' device)
         self.exp_avg = [self._zero_moment(p, q) for p, q in zip(self.params, self.projections)]
         self.exp_avg_sq = [self._zero_moment(p, q) if scaling == "elementwise" else torch.zeros((), device=m.device)
-                           for p, q, m in zip(self.params, self.projections, self.exp_avg)]
+                           for p, q, m in zip(self.params, self.projections, self.exp_avg)]  # per_matrix: a scalar
 
     def _zero_moment(self, param: torch.nn.Parameter, projection) -> torch.Tensor:
         if self.mode == "eigenbasis" and projection is not None:
@@ -161,8 +161,9 @@ class ProjectedAdam:
             self.exp_avg[i].mul_(beta1).add_(grad, alpha=1 - beta1)
             if self.scaling == "elementwise":
                 self.exp_avg_sq[i].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            else:  # one second moment for the matrix: the mean square of its gradient's entries
-                self.exp_avg_sq[i].mul_(beta2).add_(grad.square().mean(), alpha=1 - beta2)
+            else:  # one second moment for the matrix: the mean square of its gradient's entries (no squared copy)
+                mean_square = torch.linalg.vector_norm(grad).square() / grad.numel()
+                self.exp_avg_sq[i].mul_(beta2).add_(mean_square, alpha=1 - beta2)
             denom = (self.exp_avg_sq[i] / bias2).sqrt_().add_(self.eps)
             update = (self.exp_avg[i] / bias1) / denom
             if basis is not None:
